@@ -1,0 +1,200 @@
+"""The leader's work: consume usage, merge it, commit it, then ack; broadcast totals and
+block decisions every tick; answer snapshots; prune expired windows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from central.leadership import LeadershipLost
+from central.ledger import LedgerStore
+from central.metrics import CentralMetrics
+from central.totals import GlobalTotals
+from sync.errors import MalformedMessage, UnsupportedVersion
+from sync.messages import (
+    ConfigUpdate,
+    SnapshotPage,
+    TotalsUpdate,
+    decode_snapshot_request,
+    decode_usage,
+    encode_snapshot_page,
+    encode_totals,
+)
+from sync.publisher import ensure_usage_stream
+from sync.subjects import SNAPSHOT, TOTALS, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
+
+log = logging.getLogger("regionlimit.central")
+Clock = Callable[[], int]
+FETCH_BATCH = 500
+MAX_UNACKED = 20_000  # commit early rather than hold more messages than this
+ACK_WAIT_S = 60.0
+NEWER_VERSION_RETRY_S = 30.0
+TOTALS_PER_MESSAGE = 2000
+SNAPSHOT_PAGE = 2000
+PRUNE_INTERVAL_S = 60.0
+
+
+class LeaderIngest:
+    def __init__(self, *, nc: Client, ledger: LedgerStore, totals: GlobalTotals,
+                 metrics: CentralMetrics, clock: Clock, commit_interval: float,
+                 tick_interval: float, config: Callable[[], ConfigUpdate | None]) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._ledger = ledger
+        self._totals = totals
+        self._metrics = metrics
+        self._clock = clock
+        self._commit_interval = commit_interval
+        self._tick_interval = tick_interval
+        self._config = config
+        self._unacked: list[Msg] = []
+        self._commit_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        """Ingest until cancelled or until a commit fails because leadership was lost."""
+        await ensure_usage_stream(self._js)
+        sub = await self._js.pull_subscribe(
+            USAGE_SUBJECTS, durable=USAGE_CONSUMER, stream=USAGE_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
+                                  max_deliver=-1, max_ack_pending=MAX_UNACKED * 2))
+        snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
+        loops = [self._consume(sub), self._commit_forever(), self._tick_forever(),
+                 self._prune_forever()]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for loop in loops:
+                    group.create_task(loop)
+        finally:
+            with contextlib.suppress(Exception):
+                await snapshots.unsubscribe()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # --- consume -----------------------------------------------------------------------
+
+    async def _consume(self, sub: object) -> None:
+        while True:
+            if len(self._unacked) >= MAX_UNACKED:
+                await self.commit()
+            try:
+                messages = await sub.fetch(FETCH_BATCH, timeout=1.0)  # type: ignore[attr-defined]
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                raise
+            except nats.errors.Error as exc:
+                log.warning("fetch failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                await self._ingest(msg)
+
+    async def _ingest(self, msg: Msg) -> None:
+        self._metrics.batches.inc()
+        try:
+            batch = decode_usage(msg.data)
+        except UnsupportedVersion as exc:
+            self._metrics.newer.inc()
+            log.warning("usage message of version %d left for an upgraded central",
+                        exc.version)
+            await msg.nak(delay=NEWER_VERSION_RETRY_S)
+            return
+        except MalformedMessage as exc:
+            self._metrics.malformed.inc()
+            log.warning("dropped a malformed usage message on %s: %s", msg.subject, exc.reason)
+            await msg.ack()
+            return
+        outcome = self._totals.merge(batch, self._clock())
+        self._metrics.ingested.inc(len(batch.entries))
+        for reason, count in outcome.rejected.items():
+            self._metrics.rejected.labels(reason).inc(count)
+        self._unacked.append(msg)
+
+    # --- commit ------------------------------------------------------------------------
+
+    async def _commit_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._commit_interval)
+            await self.commit()
+
+    async def commit(self) -> None:
+        """Persist what was merged, then ack the messages it came from. A failed write
+        keeps both for the next attempt; JetStream redelivers meanwhile, harmlessly."""
+        async with self._commit_lock:
+            rows, increments = self._totals.take_unsaved(self._clock())
+            messages, self._unacked = self._unacked, []
+            if not rows and not increments and not messages:
+                return
+            started = time.perf_counter()
+            try:
+                await self._ledger.write(rows, increments)
+            except Exception as exc:
+                self._totals.return_unsaved(rows, increments)
+                self._unacked = messages + self._unacked
+                self._metrics.commit_failures.inc()
+                self._metrics.unsaved.set(self._totals.unsaved)
+                log.warning("ledger commit failed (%s); will retry", type(exc).__name__)
+                if isinstance(exc, LeadershipLost):
+                    raise
+                return
+            self._metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._metrics.unsaved.set(self._totals.unsaved)
+            for msg in messages:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.ack()
+
+    # --- broadcast ---------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_interval)
+            changed = self._totals.take_changed()
+            for start in range(0, len(changed), TOTALS_PER_MESSAGE):
+                chunk = changed[start:start + TOTALS_PER_MESSAGE]
+                try:
+                    await self._nc.publish(TOTALS, encode_totals(
+                        TotalsUpdate(self._clock(), chunk)))
+                except nats.errors.Error as exc:
+                    log.warning("totals broadcast failed (%s)", type(exc).__name__)
+                    break
+                self._metrics.ticks.inc(len(chunk))
+
+    async def _answer_snapshot(self, msg: Msg) -> None:
+        try:
+            request = decode_snapshot_request(msg.data)
+        except (MalformedMessage, UnsupportedVersion) as exc:
+            self._metrics.malformed.inc()
+            log.warning("dropped a malformed snapshot request: %s", exc)
+            return
+        keys = self._totals.live_keys(self._clock())
+        page = keys[request.cursor:request.cursor + SNAPSHOT_PAGE]
+        end = request.cursor + len(page)
+        reply = SnapshotPage([self._totals.key_total(k) for k in page],
+                             end if end < len(keys) else None,
+                             self._config() if request.cursor == 0 else None)
+        with contextlib.suppress(nats.errors.Error):
+            await msg.respond(encode_snapshot_page(reply))
+
+    # --- prune -------------------------------------------------------------------------
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            now = self._clock()
+            self._totals.prune(now)
+            try:
+                pruned = await self._ledger.prune_components(
+                    window_end_before=now - self._totals.retention_ms)
+            except Exception as exc:
+                log.warning("pruning failed (%s)", type(exc).__name__)
+                continue
+            if pruned:
+                log.info("pruned %d expired components", pruned)

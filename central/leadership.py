@@ -1,0 +1,255 @@
+"""Who among the central replicas is the leader: the one that ingests usage.
+
+On Postgres the lease is a session-level advisory lock held on one dedicated
+connection. The lock lives exactly as long as that session, so the lease's writes go
+through the same connection and are fenced: each write transaction first verifies, in
+the same session, that the lock is still held. A deposed leader (its session killed,
+its network cut) therefore fails its writes instead of committing next to the new
+leader's; SQLAlchemy's silent reconnect after an invalidated connection cannot sneak a
+lock-less session in, because that new session would fail the check.
+
+On SQLite there is nothing to coordinate with: the lease is always granted. SQLite
+therefore supports exactly one central replica; run Postgres for more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+log = logging.getLogger(__name__)
+
+# pg advisory lock key of the leader lease ("rl_leadr"); advisory locks are scoped to the
+# database, so two deployments on different databases of one server do not interfere.
+LEADER_LOCK_KEY = 0x726C5F6C65616472
+
+_HOLDS_LOCK = text(
+    """
+    SELECT EXISTS (
+        SELECT 1 FROM pg_locks
+        WHERE locktype = 'advisory'
+          AND pid = pg_backend_pid()
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND classid = :classid AND objid = :objid AND objsubid = 1
+          AND granted
+    )
+    """
+)
+
+
+class LeadershipLost(RuntimeError):
+    """The lease is not (or no longer) held; the caller must stop acting as leader."""
+
+
+class LeaderLease:
+    """A non-blocking, pollable leader lease (see the module docstring).
+
+    All use of the held connection is serialized by an internal mutex: one asyncpg
+    connection runs one operation at a time.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        key: int = LEADER_LOCK_KEY,
+        check_timeout: float = 5.0,
+    ) -> None:
+        self._engine = engine
+        self._key = key
+        self._check_timeout = check_timeout
+        self._exclusive = engine.dialect.name == "postgresql"
+        self._connection: AsyncConnection | None = None
+        # The asyncpg connection under ``_connection``, to close its socket without
+        # awaiting anything when the server stops answering.
+        self._driver_connection: Any = None
+        self._granted = False
+        self._mutex = asyncio.Lock()
+
+    @property
+    def key(self) -> int:
+        return self._key
+
+    @property
+    def held(self) -> bool:
+        """Whether the lease was acquired and not known to be lost (no I/O; see check())."""
+        return self._granted
+
+    @property
+    def connection(self) -> AsyncConnection | None:
+        """The lock-holding connection (Postgres, while held); None otherwise.
+
+        Prefer ``transaction()``: it serializes use of the connection and fences writes.
+        """
+        return self._connection
+
+    async def acquire(self) -> bool:
+        """Try once, without waiting for the current holder; True when held afterwards.
+
+        Database errors propagate (the caller decides whether to retry).
+        """
+        async with self._mutex:
+            if self._granted:
+                return True
+            if not self._exclusive:
+                self._granted = True
+                return True
+            connection = await self._engine.connect()
+            try:
+                async with connection.begin():
+                    result = await connection.execute(
+                        text("SELECT pg_try_advisory_lock(:key)"), {"key": self._key}
+                    )
+                    got = bool(result.scalar_one())
+            except BaseException:
+                await _discard(connection)
+                raise
+            if not got:
+                await connection.close()
+                return False
+            # A session-level advisory lock outlives the transaction that took it, so the
+            # connection sits idle (not "idle in transaction") while it holds the lease.
+            raw = await connection.get_raw_connection()
+            self._driver_connection = raw.driver_connection
+            self._connection = connection
+            self._granted = True
+            log.info("leader lease acquired (advisory lock %#x)", self._key)
+            return True
+
+    async def wait_acquired(self, poll_interval: float = 1.0) -> None:
+        """Return once the lease is held; retry every ``poll_interval`` seconds.
+
+        Database errors while trying (Postgres down or restarting) are logged and retried,
+        since waiting for leadership is exactly what a standby replica does.
+        """
+        while True:
+            try:
+                if await self.acquire():
+                    return
+            except (DBAPIError, OSError) as exc:
+                log.warning("leader lease: database unavailable, retrying: %s", exc)
+            await asyncio.sleep(poll_interval)
+
+    async def check(self) -> bool:
+        """Whether the lease is still held: the session is alive and holds the lock.
+
+        Any failure (dead connection, no answer within ``check_timeout``) counts as lost;
+        the connection is then dropped and the lease must be acquired again.
+        """
+        async with self._mutex:
+            if not self._granted:
+                return False
+            connection = self._connection
+            if connection is None:
+                return True
+            probe = asyncio.ensure_future(self._probe(connection))
+            done, _ = await asyncio.wait({probe}, timeout=self._check_timeout)
+            if not done:
+                # A cancelled query would still wait for its rollback on a silent
+                # network; closing the socket makes every pending operation fail now.
+                log.warning("leader lease lost: no answer within %ss", self._check_timeout)
+                self._terminate()
+            try:
+                held = await probe
+            except (DBAPIError, OSError) as exc:
+                log.warning("leader lease lost: %s", exc)
+                held = False
+            if not held:
+                await self._lose()
+            return held
+
+    async def _probe(self, connection: AsyncConnection) -> bool:
+        async with connection.begin():
+            return await self._holds_lock(connection)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that commits only while the lease is held.
+
+        On Postgres it runs on the lock-holding connection after verifying the lock in the
+        same transaction; if the session dies before the commit, the commit fails. Raises
+        LeadershipLost when the lease is not held or the connection is gone. Errors of
+        the caller's statements (constraint violations...) roll back and propagate
+        unchanged, leaving the lease held.
+        """
+        async with self._mutex:
+            if not self._granted:
+                raise LeadershipLost("leader lease not held")
+            connection = self._connection
+            if connection is None:
+                async with self._engine.begin() as own:
+                    yield own
+                return
+            try:
+                async with connection.begin():
+                    if not await self._holds_lock(connection):
+                        raise LeadershipLost("advisory lock no longer held by this session")
+                    yield connection
+            except LeadershipLost:
+                await self._lose()
+                raise
+            except DBAPIError as exc:
+                if exc.connection_invalidated or connection.invalidated:
+                    await self._lose()
+                    raise LeadershipLost("lease connection lost") from exc
+                raise
+
+    async def release(self) -> None:
+        """Give the lease up (unlock, return the connection); a no-op when not held."""
+        async with self._mutex:
+            connection = self._connection
+            self._connection = None
+            self._driver_connection = None
+            self._granted = False
+            if connection is None:
+                return
+            try:
+                async with connection.begin():
+                    await connection.execute(
+                        text("SELECT pg_advisory_unlock(:key)"), {"key": self._key}
+                    )
+            except (DBAPIError, OSError):
+                # Closing the session releases the lock anyway; make sure it is closed
+                # rather than returned to the pool still holding it.
+                await _discard(connection)
+                return
+            await connection.close()
+            log.info("leader lease released")
+
+    async def _holds_lock(self, connection: AsyncConnection) -> bool:
+        # pg_locks shows a bigint advisory key as classid = high 32 bits, objid = low
+        # 32 bits, objsubid = 1.
+        result = await connection.execute(
+            _HOLDS_LOCK,
+            {"classid": (self._key >> 32) & 0xFFFFFFFF, "objid": self._key & 0xFFFFFFFF},
+        )
+        return bool(result.scalar_one())
+
+    def _terminate(self) -> None:
+        driver = self._driver_connection
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.terminate()
+
+    async def _lose(self) -> None:
+        connection = self._connection
+        self._connection = None
+        self._driver_connection = None
+        self._granted = False
+        if connection is not None:
+            await _discard(connection)
+
+
+async def _discard(connection: AsyncConnection) -> None:
+    """Close a connection for good: never back into the pool, where a lock could linger."""
+    with contextlib.suppress(Exception):
+        await connection.invalidate()
+    with contextlib.suppress(Exception):
+        await connection.close()

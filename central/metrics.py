@@ -1,0 +1,53 @@
+"""Central's Prometheus metrics, in a registry of its own per service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+
+class _OverAdmission(Collector):
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "regionlimit_over_admission", "Cost admitted globally beyond the limit",
+            labels=["namespace"])
+        for namespace, value in sorted(self._read().items()):
+            family.add_metric([namespace], value)
+        yield family
+
+
+class CentralMetrics:
+    def __init__(self, replica: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.leader = Gauge("regionlimit_central_leader", "1 on the ingesting leader",
+                            ["replica"], registry=r).labels(replica)
+        self.ingested = Counter("regionlimit_ingest_entries", "Usage entries merged",
+                                registry=r)
+        self.batches = Counter("regionlimit_ingest_batches", "Usage messages consumed",
+                               registry=r)
+        self.malformed = Counter("regionlimit_messages_malformed",
+                                 "Undecodable messages dropped", registry=r)
+        self.newer = Counter("regionlimit_messages_newer_version",
+                             "Messages of a newer version left unacked", registry=r)
+        self.rejected = Counter("regionlimit_messages_rejected", "Usage entries rejected",
+                                ["reason"], registry=r)
+        self.commit_seconds = Histogram("regionlimit_commit_duration_seconds",
+                                        "Ledger commit latency", registry=r)
+        self.commit_failures = Counter("regionlimit_commit_failures", "Failed ledger commits",
+                                       registry=r)
+        self.unsaved = Gauge("regionlimit_unsaved_rows", "Rows awaiting commit", registry=r)
+        self.ticks = Counter("regionlimit_totals_published", "Key totals broadcast",
+                             registry=r)
+
+    def track_over_admission(self, read: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_OverAdmission(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,136 @@
+"""SQLAlchemy models of the central ledger and configuration.
+
+Times are epoch milliseconds (UTC) in BIGINT columns, as everywhere in the contract.
+The schema itself is created by the Alembic migrations in ``central/migrations``; these
+models describe it for queries and must be kept in step with the migrations by hand.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import BigInteger, CheckConstraint, Index, Integer, MetaData, Table, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so later migrations can alter them by name on every
+# backend (SQLite batch mode needs names to drop or recreate constraints).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Component(Base):
+    """One node's grow-only counts for one key in one limit window.
+
+    The maximum per component is what makes redelivery and reordering harmless; the
+    policy columns carry the limit resolved by the node, so central can decide blocks
+    for inline and file-configured namespaces too.
+    """
+
+    __tablename__ = "components"
+
+    namespace: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    node_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text)
+    window_end: Mapped[int] = mapped_column(BigInteger)
+    admitted: Mapped[int] = mapped_column(BigInteger)
+    denied: Mapped[int] = mapped_column(BigInteger)
+    limit: Mapped[int] = mapped_column(BigInteger)
+    duration: Mapped[str] = mapped_column(Text)
+    algorithm: Mapped[str] = mapped_column(Text)
+    burst: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+    # Lookups by (namespace, key_hash, window_start) use the primary key's leading
+    # columns; a separate index on them would only slow the upserts down.
+    __table_args__ = (Index("ix_components_window_end", "window_end"),)
+
+
+class UsageHourly(Base):
+    """Admitted and denied cost per key, region and UTC hour: what billing reads.
+
+    Later rollups follow the same shape with ``day_start`` / ``month_start`` in
+    ``usage_daily`` / ``usage_monthly``.
+    """
+
+    __tablename__ = "usage_hourly"
+
+    namespace: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    hour_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    admitted: Mapped[int] = mapped_column(BigInteger)
+    denied: Mapped[int] = mapped_column(BigInteger)
+
+
+class Namespace(Base):
+    """A namespace configured at central (wins over node files and inline fields)."""
+
+    __tablename__ = "namespaces"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    limit: Mapped[int] = mapped_column(BigInteger)
+    duration: Mapped[str] = mapped_column(Text)
+    algorithm: Mapped[str] = mapped_column(Text)
+    burst: Mapped[int | None] = mapped_column(BigInteger)
+    mode: Mapped[str] = mapped_column(Text)
+    on_unavailable: Mapped[str] = mapped_column(Text)
+    timeout: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Override(Base):
+    """Per-identifier replacement of namespace fields; NULL means "the namespace's".
+
+    No foreign key to ``namespaces``: an override may target a namespace that is only
+    configured in node files or used inline.
+    """
+
+    __tablename__ = "overrides"
+
+    namespace: Mapped[str] = mapped_column(Text, primary_key=True)
+    identifier_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    limit: Mapped[int | None] = mapped_column(BigInteger)
+    duration: Mapped[str | None] = mapped_column(Text)
+    algorithm: Mapped[str | None] = mapped_column(Text)
+    burst: Mapped[int | None] = mapped_column(BigInteger)
+    mode: Mapped[str | None] = mapped_column(Text)
+    on_unavailable: Mapped[str | None] = mapped_column(Text)
+    timeout: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class ConfigState(Base):
+    """The single row holding the configuration version.
+
+    Every configuration change bumps it in the same transaction (an UPDATE of this row,
+    which also serializes concurrent writers across replicas), so nodes can tell a stale
+    snapshot from a current one with one integer.
+    """
+
+    __tablename__ = "config_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+
+# Core tables, for bulk statements (upserts) that bypass the ORM unit of work.
+components = cast(Table, Component.__table__)
+usage_hourly = cast(Table, UsageHourly.__table__)
+namespaces = cast(Table, Namespace.__table__)
+overrides = cast(Table, Override.__table__)
+config_state = cast(Table, ConfigState.__table__)

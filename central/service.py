@@ -1,0 +1,125 @@
+"""A central replica: NATS, the ledger, and the leadership loop (one replica ingests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from typing import Any
+
+from sqlalchemy import text
+
+from central.database import make_engine
+from central.ingest import LeaderIngest
+from central.leadership import LeaderLease
+from central.ledger import LedgerStore
+from central.metrics import CentralMetrics
+from central.settings import CentralSettings
+from central.totals import GlobalTotals
+from region_node.checker import Clock, wall_clock_ms
+from sync.connection import NatsLink, NatsOptions
+from sync.messages import ConfigUpdate
+
+log = logging.getLogger("regionlimit.central")
+LEASE_POLL_S = 1.0
+
+
+class CentralService:
+    def __init__(self, settings: CentralSettings, *, database_url: str,
+                 clock: Clock = wall_clock_ms) -> None:
+        assert settings.nats_url is not None
+        self.settings = settings
+        self.clock = clock
+        self.replica_id = f"central.{socket.gethostname().split('.')[0]}.{secrets.token_hex(4)}"
+        self.engine = make_engine(database_url)
+        self.lease = LeaderLease(self.engine)
+        self.ledger = LedgerStore(self.engine, lease=self.lease)
+        self.totals: GlobalTotals | None = None
+        self.metrics = CentralMetrics(self.replica_id)
+        self.metrics.track_over_admission(
+            lambda: dict(self.totals.over_admission) if self.totals else {})
+        self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
+                                         tls_ca=settings.nats_tls_ca, name=self.replica_id))
+        self.is_leader = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def current_config(self) -> ConfigUpdate | None:
+        return None
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
+        self._tasks.append(asyncio.create_task(self._lead_forever(), name="leadership"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self.lease.release()
+        await self.link.close()
+        await self.engine.dispose()
+
+    async def _lead_forever(self) -> None:
+        await self.link.connected.wait()
+        while True:
+            try:
+                acquired = await self.lease.acquire()
+            except Exception as exc:
+                log.warning("leader lease unavailable (%s)", type(exc).__name__)
+                acquired = False
+            if not acquired:
+                await asyncio.sleep(LEASE_POLL_S)
+                continue
+            try:
+                await self._lead()
+            except Exception:
+                log.exception("leadership term ended by an error")
+            finally:
+                self.is_leader = False
+                self.metrics.leader.set(0)
+                with contextlib.suppress(Exception):
+                    await self.lease.release()
+            await asyncio.sleep(LEASE_POLL_S)
+
+    async def _lead(self) -> None:
+        """One leadership term: rebuild state from the ledger, ingest until the lease is
+        lost. JetStream redelivers whatever the previous leader had not committed."""
+        now = self.clock()
+        totals = GlobalTotals(retention_ms=self.settings.retention_ms)
+        totals.load(await self.ledger.load_components(
+            window_end_after=now - totals.retention_ms))
+        self.totals = totals
+        assert self.link.nc is not None
+        ingest = LeaderIngest(
+            nc=self.link.nc, ledger=self.ledger, totals=totals, metrics=self.metrics,
+            clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
+            tick_interval=self.settings.seconds("tick_interval"), config=self.current_config)
+        self.is_leader = True
+        self.metrics.leader.set(1)
+        log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,
+                 len(totals.windows))
+        task = asyncio.create_task(ingest.run(), name="ingest")
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=LEASE_POLL_S)
+                if not task.done() and not await self.lease.check():
+                    log.error("leader lease lost; stepping down")
+                    break
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def readiness(self) -> dict[str, Any]:
+        database = "ok"
+        try:
+            async with asyncio.timeout(2.0), self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            database = f"unavailable ({type(exc).__name__})"
+        nats = "ok" if self.link.is_connected else "disconnected"
+        return {"ready": database == "ok" and nats == "ok", "database": database,
+                "nats": nats, "leader": self.is_leader, "replica": self.replica_id}

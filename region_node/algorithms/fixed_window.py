@@ -1,0 +1,23 @@
+"""Fixed window: at most ``limit`` cost per epoch-aligned window (or calendar month)."""
+
+from __future__ import annotations
+
+from region_node.algorithms.base import Decision, KeyState, deny
+from sync.policy import Policy
+
+
+class FixedWindow:
+    def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
+        used = state.cur + state.remote_cur
+        limit = policy.limit
+        fits = used + (cost or 1) <= limit
+        if fits and state.blocked_until <= now:
+            state.cur += cost
+            return Decision(True, limit - used - cost, state.cur_end, None)
+        return deny(state, self, policy, now, cost, fits, max(0, limit - used), state.cur_end)
+
+    def retry_after(self, state: KeyState, policy: Policy, now: int, cost: int) -> int:
+        return state.cur_end - now
+
+    def is_idle(self, state: KeyState, now: int) -> bool:
+        return now >= state.cur_end

@@ -1,0 +1,42 @@
+"""Token bucket: ``burst`` capacity refilled at ``limit`` per ``duration``.
+
+The level is kept in units of 1/duration_ms token: a millisecond adds ``limit`` units and a
+token costs ``duration_ms`` units, so refill and retry times are exact integers. Cost
+admitted by other nodes is debited when central reports it; the level may go negative."""
+
+from __future__ import annotations
+
+from region_node.algorithms.base import Decision, KeyState, deny
+from sync.policy import Policy
+
+
+def refill(state: KeyState, policy: Policy, now: int) -> None:
+    if now > state.level_at:
+        full = policy.capacity * policy.duration.ms
+        state.level = min(full, state.level + (now - state.level_at) * policy.limit)
+        state.level_at = now
+
+
+class TokenBucket:
+    def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
+        d = policy.duration.ms
+        full = policy.capacity * d
+        level = state.level
+        if now > state.level_at:
+            level = state.level = min(full, level + (now - state.level_at) * policy.limit)
+            state.level_at = now
+        fits = level >= (cost or 1) * d
+        if fits and state.blocked_until <= now:
+            level = state.level = level - cost * d
+            state.cur += cost
+            return Decision(True, level // d, now - (level - full) // policy.limit, None)
+        reset_at = now - (level - full) // policy.limit
+        return deny(state, self, policy, now, cost, fits, max(0, level // d), reset_at)
+
+    def retry_after(self, state: KeyState, policy: Policy, now: int, cost: int) -> int:
+        return -((state.level - cost * policy.duration.ms) // policy.limit)
+
+    def is_idle(self, state: KeyState, now: int) -> bool:
+        policy = state.policy
+        refill(state, policy, now)
+        return state.level >= policy.capacity * policy.duration.ms and now >= state.cur_end

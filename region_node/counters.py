@@ -1,0 +1,249 @@
+"""Per-key counters of one node: decisions, the publication outbox, remote totals, eviction.
+
+Everything here runs on the event loop thread without awaiting, so a check on one key is
+atomic. Usage leaves the store only through ``take_usage``; until the caller confirms
+publication the entries are owned by the caller, and ``return_usage`` puts them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from region_node.algorithms import ALGORITHMS
+from region_node.algorithms.base import CUR_DIRTY, PREV_DIRTY, Decision, KeyState
+from region_node.algorithms.token_bucket import refill
+from sync.durations import Duration
+from sync.messages import KeyTotal, UsageEntry
+from sync.policy import Policy
+from sync.windows import HOUR_MS, month_bounds, window_bounds
+
+UsageGroups = list[tuple[int, list[UsageEntry]]]  # (flushed_at, entries), oldest first
+
+
+def state_key(namespace: str, key_hash: str) -> str:
+    # "/" never occurs in a namespace, and the hash has a fixed length.
+    return f"{namespace}/{key_hash}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    namespace, _, key_hash = key.rpartition("/")
+    return namespace, key_hash
+
+
+def previous_window_start(duration: Duration, cur_start: int) -> int:
+    if duration.is_month:
+        return month_bounds(cur_start - 1)[0]
+    return cur_start - duration.ms
+
+
+class CounterStore:
+    def __init__(self) -> None:
+        self._states: dict[str, KeyState] = {}
+        self._dirty: set[str] = set()
+        # Entries that left the live state before publication: retired windows, sealed
+        # hours and failed publications, keyed so a later snapshot of the same
+        # key-window-hour replaces an earlier one (values are cumulative).
+        self._outbox: dict[tuple[str, int, int], tuple[int, UsageEntry]] = {}
+        self._bounds: dict[Duration, tuple[int, int]] = {}
+        self._hour_end = 0
+        self._sweep: list[str] = []
+        self.evictions = 0
+
+    # --- checks ----------------------------------------------------------------------
+
+    def check(self, namespace: str, key_hash: str, policy: Policy, cost: int,
+              now: int) -> Decision:
+        if now >= self._hour_end:
+            self._seal_hour(now)
+        key = f"{namespace}/{key_hash}"
+        state = self._states.get(key)
+        if state is None:
+            start, end = self._window(policy.duration, now)
+            state = self._states[key] = KeyState(policy, start, end, now)
+        elif now >= state.cur_end or state.policy is not policy:
+            self._advance(key, state, policy, now)
+        decision = ALGORITHMS[policy.algorithm].decide(state, policy, now, cost)
+        if cost:
+            state.flags |= CUR_DIRTY
+            self._dirty.add(key)
+        return decision
+
+    def _window(self, duration: Duration, now: int) -> tuple[int, int]:
+        bounds = self._bounds.get(duration)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            bounds = self._bounds[duration] = window_bounds(duration, now)
+        return bounds
+
+    def _advance(self, key: str, state: KeyState, policy: Policy, now: int) -> None:
+        """Bring ``state`` to the window holding ``now`` under ``policy``."""
+        old = state.policy
+        if old.duration != policy.duration or old.algorithm != policy.algorithm:
+            # Different windows or algorithm: old counts don't carry over.
+            self._retire(key, state, now, both=True)
+            start, end = self._window(policy.duration, now)
+            KeyState.__init__(state, policy, start, end, now)
+            return
+        if old.algorithm == "token_bucket":
+            refill(state, old, now)
+            state.level = min(state.level, policy.capacity * policy.duration.ms)
+        state.policy = policy
+        if now < state.cur_end:
+            return
+        start, end = self._window(policy.duration, now)
+        if start == state.cur_end:
+            self._retire(key, state, now, both=False)
+            state.prev, state.prev_denied = state.cur, state.cur_denied
+            state.remote_prev = state.remote_cur
+            state.flags = PREV_DIRTY if state.flags & CUR_DIRTY else 0
+        else:
+            self._retire(key, state, now, both=True)
+            state.prev = state.prev_denied = state.remote_prev = 0
+            state.flags = 0
+        state.cur = state.cur_denied = state.remote_cur = 0
+        state.cur_start, state.cur_end = start, end
+
+    def _retire(self, key: str, state: KeyState, now: int, *, both: bool) -> None:
+        """Move the windows about to be forgotten into the outbox if unpublished."""
+        namespace, key_hash = split_key(key)
+        if state.flags & PREV_DIRTY:
+            start = previous_window_start(state.policy.duration, state.cur_start)
+            self._to_outbox(now, UsageEntry(namespace, key_hash, start, state.prev,
+                                            state.prev_denied, state.policy))
+        if both and state.flags & CUR_DIRTY:
+            self._to_outbox(now, UsageEntry(namespace, key_hash, state.cur_start, state.cur,
+                                            state.cur_denied, state.policy))
+        state.flags = 0 if both else state.flags & CUR_DIRTY
+
+    def _to_outbox(self, flushed_at: int, entry: UsageEntry) -> None:
+        slot = (f"{entry.namespace}/{entry.key_hash}", entry.window_start, flushed_at // HOUR_MS)
+        held = self._outbox.get(slot)
+        if held is None or held[0] <= flushed_at:
+            self._outbox[slot] = (flushed_at, entry)
+
+    def _seal_hour(self, now: int) -> None:
+        """Usage is billed by the hour of its flush: at an hour boundary, everything not yet
+        published belongs to the hour that just ended."""
+        if self._hour_end:
+            for flushed_at, entries in self._take_live(self._hour_end - 1):
+                for entry in entries:
+                    self._to_outbox(flushed_at, entry)
+        self._hour_end = now - now % HOUR_MS + HOUR_MS
+
+    # --- publication -----------------------------------------------------------------
+
+    @property
+    def unpublished(self) -> int:
+        """Key-windows awaiting publication (live dirty keys plus the outbox)."""
+        return len(self._dirty) + len(self._outbox)
+
+    def take_usage(self, now: int) -> UsageGroups:
+        """Everything unpublished, grouped by flush time; the caller publishes it or calls
+        ``return_usage``."""
+        if now >= self._hour_end:
+            self._seal_hour(now)
+        groups: dict[int, list[UsageEntry]] = {}
+        for flushed_at, entry in self._outbox.values():
+            groups.setdefault(flushed_at, []).append(entry)
+        self._outbox.clear()
+        for flushed_at, entries in self._take_live(now):
+            groups.setdefault(flushed_at, []).extend(entries)
+        return sorted(groups.items())
+
+    def _take_live(self, flushed_at: int) -> UsageGroups:
+        entries = []
+        for key in self._dirty:
+            state = self._states[key]
+            namespace, key_hash = split_key(key)
+            if state.flags & CUR_DIRTY:
+                entries.append(UsageEntry(namespace, key_hash, state.cur_start, state.cur,
+                                          state.cur_denied, state.policy))
+            if state.flags & PREV_DIRTY:
+                start = previous_window_start(state.policy.duration, state.cur_start)
+                entries.append(UsageEntry(namespace, key_hash, start, state.prev,
+                                          state.prev_denied, state.policy))
+            state.flags = 0
+        self._dirty.clear()
+        return [(flushed_at, entries)] if entries else []
+
+    def return_usage(self, groups: Iterable[tuple[int, list[UsageEntry]]]) -> None:
+        """Publication failed: keep the entries until the next attempt."""
+        for flushed_at, entries in groups:
+            for entry in entries:
+                self._to_outbox(flushed_at, entry)
+
+    # --- state from central ------------------------------------------------------------
+
+    def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int) -> int:
+        """Apply central's totals; returns how many raised a remote count."""
+        raised = 0
+        for total in totals:
+            remote = total.total - total.components.get(node_id, 0)
+            key = f"{total.namespace}/{total.key_hash}"
+            state = self._states.get(key)
+            policy = state.policy if state is not None else total.policy
+            duration = policy.duration
+            start, end = window_bounds(duration, total.window_start)
+            if start != total.window_start:
+                continue  # central counted under another window length
+            horizon = end + (duration.ms if policy.algorithm == "sliding_window" else 0)
+            if horizon <= now and total.blocked_until <= now:
+                continue
+            if state is None:
+                if remote <= 0 and total.blocked_until <= now:
+                    continue
+                state = self._states[key] = KeyState(policy, start, end, now)
+            elif start >= state.cur_end:
+                self._advance(key, state, policy, max(now, start))
+            if total.blocked_until > state.blocked_until:
+                state.blocked_until = total.blocked_until
+            if start == state.cur_start:
+                delta = remote - state.remote_cur
+                if delta > 0:
+                    state.remote_cur = remote
+            elif start == previous_window_start(duration, state.cur_start):
+                delta = remote - state.remote_prev
+                if delta > 0:
+                    state.remote_prev = remote
+            else:
+                continue
+            if delta > 0:
+                raised += 1
+                if policy.algorithm == "token_bucket":
+                    refill(state, policy, now)
+                    state.level -= delta * duration.ms
+        return raised
+
+    def seed_remote(self, entries: Iterable[UsageEntry], now: int) -> None:
+        """Counts of this node's former self (from a spill file) count as remote until
+        central reports them."""
+        for entry in entries:
+            total = KeyTotal(entry.namespace, entry.key_hash, entry.window_start,
+                             entry.admitted, {}, 0, entry.policy)
+            self.apply_totals([total], "", now)
+
+    # --- memory ------------------------------------------------------------------------
+
+    @property
+    def active_keys(self) -> int:
+        return len(self._states)
+
+    def evict(self, now: int, *, budget: int = 20_000) -> int:
+        """Forget up to ``budget`` keys' worth of idle state; a full pass spans many calls
+        so no single call stalls the event loop."""
+        if not self._sweep:
+            self._sweep = list(self._states)
+        chunk = self._sweep[-budget:]
+        del self._sweep[-budget:]
+        evicted = 0
+        for key in chunk:
+            state = self._states.get(key)
+            if state is None or key in self._dirty or state.blocked_until > now:
+                continue
+            if ALGORITHMS[state.policy.algorithm].is_idle(state, now):
+                del self._states[key]
+                evicted += 1
+        self.evictions += evicted
+        return evicted
+
+    def get(self, namespace: str, key_hash: str) -> KeyState | None:
+        return self._states.get(state_key(namespace, key_hash))

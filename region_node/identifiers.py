@@ -1,0 +1,25 @@
+"""Keyed hashing of raw identifiers (API keys, user ids, IPs) on arrival."""
+
+from __future__ import annotations
+
+import hashlib
+
+DIGEST_SIZE = 16  # 128 bits: 32 hex characters
+
+
+class IdentifierHasher:
+    """Keyed BLAKE2b: without the secret, an IPv4 address can't be recovered by enumeration."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, secret: str | bytes) -> None:
+        raw = secret.encode() if isinstance(secret, str) else secret
+        if not raw:
+            raise ValueError("identifier secret must not be empty")
+        # BLAKE2b keys are at most 64 bytes; longer secrets are condensed first.
+        self._key = raw if len(raw) <= 64 else hashlib.blake2b(raw).digest()
+
+    def hash(self, identifier: str) -> str:
+        return hashlib.blake2b(
+            identifier.encode(), key=self._key, digest_size=DIGEST_SIZE
+        ).hexdigest()

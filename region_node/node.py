@@ -1,0 +1,95 @@
+"""A region node: its parts, their lifecycle, and its readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from typing import Any
+
+from region_node.checker import Checker, Clock, wall_clock_ms
+from region_node.counters import CounterStore
+from region_node.http import CheckEndpoints
+from region_node.identifiers import IdentifierHasher
+from region_node.metrics import NodeMetrics
+from region_node.policies import PolicyResolver
+from region_node.policy_file import load_policy_file
+from region_node.settings import NodeSettings
+from region_node.sync_loop import NodeSync
+from sync.connection import NatsOptions
+
+log = logging.getLogger("regionlimit.node")
+EVICTION_INTERVAL_S = 1.0
+
+
+def make_node_id(region: str) -> str:
+    """Unique per process start: a restarted node never reuses its former component."""
+    host = socket.gethostname().split(".")[0][:32] or "host"
+    return f"{region}.{host}.{secrets.token_hex(4)}"
+
+
+class RegionNode:
+    def __init__(self, settings: NodeSettings, *, secret: str, clock: Clock = wall_clock_ms
+                 ) -> None:
+        assert settings.region is not None
+        self.settings = settings
+        self.region = settings.region
+        self.node_id = make_node_id(settings.region)
+        self.clock = clock
+        file_namespaces = load_policy_file(settings.config) if settings.config else {}
+        self.store = CounterStore()
+        self.resolver = PolicyResolver(
+            file_namespaces=file_namespaces, inline_enabled=settings.inline_namespaces,
+            max_inline_namespaces=settings.max_inline_namespaces)
+        self.hasher = IdentifierHasher(secret)
+        self.metrics = NodeMetrics(settings.region)
+        self.metrics.gauges["active_keys"] = lambda: self.store.active_keys
+        self.metrics.gauges["dirty_counters"] = lambda: self.store.unpublished
+        self.metrics.counters["evictions"] = 0
+        self.checker = Checker(store=self.store, resolver=self.resolver, hasher=self.hasher,
+                               metrics=self.metrics, clock=clock)
+        token = settings.node_token.get_secret_value() if settings.node_token else None
+        self.endpoints = CheckEndpoints(self.checker, node_token=token)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.sync: NodeSync | None = None
+        if settings.nats_url:
+            self.sync = NodeSync(
+                options=NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
+                                    tls_ca=settings.nats_tls_ca, name=self.node_id),
+                node_id=self.node_id, region=self.region, store=self.store,
+                resolver=self.resolver, metrics=self.metrics, clock=clock,
+                flush_interval=settings.flush_interval_s,
+                snapshot_timeout=settings.snapshot_timeout_s, spill_path=settings.spill_file())
+
+    async def start(self) -> None:
+        if self.sync is None:
+            log.warning("node %s running standalone (no REGIONLIMIT_NATS_URL): limits are "
+                        "enforced by this process alone", self.node_id)
+        else:
+            await self.sync.start()
+        self._tasks.append(asyncio.create_task(self._evict_forever(), name="evict"))
+
+    async def stop(self) -> None:
+        if self.sync is not None:
+            await self.sync.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _evict_forever(self) -> None:
+        while True:
+            await asyncio.sleep(EVICTION_INTERVAL_S)
+            self.metrics.counters["evictions"] += self.store.evict(self.clock())
+
+    def readiness(self) -> dict[str, Any]:
+        if self.sync is None:
+            ready, state, reason = True, "standalone", "no NATS configured"
+        else:
+            ready, state, reason = self.sync.ready.is_set(), self.sync.state(), self.sync.reason
+        return {"ready": ready, "sync": state, "reason": reason, "region": self.region,
+                "node_id": self.node_id}

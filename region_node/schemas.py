@@ -1,0 +1,62 @@
+"""Pydantic models for the OpenAPI document only: the check path validates by hand
+(checker.py) to the same shape, and these models must stay in step with it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+DURATION_PATTERN = r"^([1-9][0-9]{0,9}(ms|s|m|h|d)|month)$"
+
+
+class CheckRequest(BaseModel):
+    namespace: str = Field(pattern=NAMESPACE_PATTERN)
+    identifier: str = Field(min_length=1, max_length=256,
+                            description="Raw identifier (1..256 bytes UTF-8); hashed on "
+                            "arrival, never stored, logged, published or returned.")
+    cost: int = Field(default=1, ge=0, description="0..limit (0..burst for a token bucket)")
+    limit: int | None = Field(default=None, ge=1, description="Inline policy: limit")
+    duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
+    algorithm: Literal["fixed_window", "sliding_window", "token_bucket"] | None = None
+    burst: int | None = Field(default=None, ge=1)
+    mode: Literal["fast", "consistent"] | None = None
+    on_unavailable: Literal["open", "closed"] | None = None
+    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+
+
+class CheckResult(BaseModel):
+    allowed: bool
+    limit: int
+    remaining: int = Field(ge=0)
+    reset_at: int = Field(description="Epoch ms when the limit is fully available again")
+    retry_after_ms: int | None = Field(description="null when allowed, else > 0")
+    mode: Literal["fast", "consistent"]
+    source: Literal["local", "authority", "fallback"]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    field: str | None = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class BatchRequest(BaseModel):
+    checks: list[CheckRequest] = Field(min_length=1, max_length=1000)
+
+
+class BatchResponse(BaseModel):
+    results: list[CheckResult | ErrorBody]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    sync: Literal["ok", "degraded", "standalone"]
+    reason: str
+    region: str
+    node_id: str

@@ -1,0 +1,40 @@
+"""Run a region node under uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from region_node.app import build_app
+from region_node.node import RegionNode
+from region_node.settings import NodeSettings
+
+log = logging.getLogger("regionlimit.node")
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, minus the client address in access lines: a peer address is an
+    identifier too, and identifiers are never logged."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"]["fmt"] = '%(levelprefix)s "%(request_line)s" %(status_code)s'
+    return config
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
+                          lifespan="on", log_level=log_level, access_log=True,
+                          log_config=log_config(), timeout_graceful_shutdown=10)
+
+
+def serve_node(settings: NodeSettings, *, secret: str) -> None:
+    node = RegionNode(settings, secret=secret)
+    config = uvicorn_config(build_app(node), host=settings.host, port=settings.port,
+                            log_level=settings.log_level)
+    log.info("region %s node %s listening on http://%s:%d", node.region, node.node_id,
+             settings.host, settings.port)
+    asyncio.run(uvicorn.Server(config).serve())

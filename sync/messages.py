@@ -1,0 +1,316 @@
+"""Msgpack messages between nodes and central, versioned and validated on decode.
+
+Usage batches are at version 2 (policies deduplicated into a table the entries index);
+version 1 (a policy map inside every entry) is still decoded so a node that is one
+release behind keeps being counted. A newer version raises UnsupportedVersion: the
+consumer leaves it unacked until central is upgraded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from sync.errors import InvalidField, MalformedMessage, UnsupportedVersion
+from sync.policy import Policy, build_policy
+
+USAGE_VERSION = 2
+STATE_VERSION = 1
+MAX_MESSAGE_BYTES = 1_000_000  # NATS' default max_payload is 1 MiB
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """A node's cumulative admitted and denied cost for one key in one window."""
+
+    namespace: str
+    key_hash: str
+    window_start: int
+    admitted: int
+    denied: int
+    policy: Policy
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBatch:
+    node_id: str
+    region: str
+    flushed_at: int
+    entries: list[UsageEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTotal:
+    """Central's view of one key-window: global admitted, per-node components, block."""
+
+    namespace: str
+    key_hash: str
+    window_start: int
+    total: int
+    components: dict[str, int]
+    blocked_until: int
+    policy: Policy
+    as_of: int = 0  # flush time of the newest batch counted in ``total``
+
+
+@dataclass(frozen=True, slots=True)
+class TotalsUpdate:
+    sent_at: int
+    totals: list[KeyTotal]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    node_id: str
+    cursor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NamespacePolicies:
+    policy: Policy
+    overrides: dict[str, Policy]  # identifier hash -> fully resolved policy
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigUpdate:
+    """Central's whole configuration (it is small), stamped with its version."""
+
+    version: int
+    namespaces: dict[str, NamespacePolicies]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPage:
+    totals: list[KeyTotal]
+    next_cursor: int | None
+    config: ConfigUpdate | None = None
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes, kind: str, newest: int) -> tuple[int, dict[str, Any]]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedMessage(f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage("not a map")
+    version = obj.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MalformedMessage("missing version")
+    if version > newest:
+        raise UnsupportedVersion(version, newest)
+    if obj.get("t") != kind:
+        raise MalformedMessage(f"expected a {kind} message")
+    return version, obj
+
+
+def _policy_fields(policy: Policy) -> list[Any]:
+    return [policy.limit, policy.duration.text, policy.algorithm, policy.burst]
+
+
+def _policy_from_fields(fields: Any) -> Policy:
+    if not isinstance(fields, list | tuple) or len(fields) != 4:
+        raise MalformedMessage("bad policy")
+    try:
+        return build_policy(limit=fields[0], duration=fields[1], algorithm=fields[2],
+                            burst=fields[3])
+    except InvalidField as exc:
+        raise MalformedMessage(f"bad policy: {exc.message}") from None
+
+
+def _str(value: Any, what: str, *, max_len: int = 256) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise MalformedMessage(f"bad {what}")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedMessage(f"bad {what}")
+    return value
+
+
+# --- usage batches (node -> central, JetStream) -------------------------------------------
+
+def encode_usage(batch: UsageBatch) -> bytes:
+    policies: dict[Policy, int] = {}
+    rows = []
+    for e in batch.entries:
+        index = policies.setdefault(e.policy, len(policies))
+        rows.append([e.namespace, e.key_hash, e.window_start, e.admitted, e.denied, index])
+    return _pack({
+        "v": USAGE_VERSION, "t": "usage", "node": batch.node_id, "region": batch.region,
+        "sent": batch.flushed_at, "policies": [_policy_fields(p) for p in policies],
+        "entries": rows,
+    })
+
+
+def encode_usage_v1(batch: UsageBatch) -> bytes:
+    """The previous wire format; kept so tests can prove central still reads it."""
+    rows = [[e.namespace, e.key_hash, e.window_start, e.admitted, e.denied,
+             {"limit": e.policy.limit, "duration": e.policy.duration.text,
+              "algorithm": e.policy.algorithm, "burst": e.policy.burst}]
+            for e in batch.entries]
+    return _pack({"v": 1, "t": "usage", "node": batch.node_id, "region": batch.region,
+                  "sent": batch.flushed_at, "entries": rows})
+
+
+def decode_usage(data: bytes) -> UsageBatch:
+    version, obj = _unpack(data, "usage", USAGE_VERSION)
+    node_id = _str(obj.get("node"), "node id")
+    region = _str(obj.get("region"), "region", max_len=64)
+    flushed_at = _count(obj.get("sent"), "flush time")
+    rows = obj.get("entries")
+    if not isinstance(rows, list):
+        raise MalformedMessage("bad entries")
+    if version >= 2:
+        raw_policies = obj.get("policies")
+        if not isinstance(raw_policies, list):
+            raise MalformedMessage("bad policies")
+        policies = [_policy_from_fields(p) for p in raw_policies]
+    entries = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 6:
+            raise MalformedMessage("bad entry")
+        if version >= 2:
+            index = _count(row[5], "policy index")
+            if index >= len(policies):
+                raise MalformedMessage("bad policy index")
+            policy = policies[index]
+        else:
+            p = row[5]
+            if not isinstance(p, dict):
+                raise MalformedMessage("bad policy")
+            policy = _policy_from_fields(
+                [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
+        entries.append(UsageEntry(
+            namespace=_str(row[0], "namespace", max_len=64),
+            key_hash=_str(row[1], "key hash", max_len=128),
+            window_start=_count(row[2], "window start"),
+            admitted=_count(row[3], "admitted"),
+            denied=_count(row[4], "denied"),
+            policy=policy,
+        ))
+    return UsageBatch(node_id, region, flushed_at, entries)
+
+
+# --- totals and snapshots (central -> nodes, core NATS) -----------------------------------
+
+def _total_row(t: KeyTotal) -> list[Any]:
+    return [t.namespace, t.key_hash, t.window_start, t.total, t.components, t.blocked_until,
+            _policy_fields(t.policy), t.as_of]
+
+
+def _total_from_row(row: Any) -> KeyTotal:
+    if not isinstance(row, list) or len(row) != 8:
+        raise MalformedMessage("bad total")
+    components = row[4]
+    if not isinstance(components, dict):
+        raise MalformedMessage("bad components")
+    return KeyTotal(
+        namespace=_str(row[0], "namespace", max_len=64),
+        key_hash=_str(row[1], "key hash", max_len=128),
+        window_start=_count(row[2], "window start"),
+        total=_count(row[3], "total"),
+        components={_str(k, "node id"): _count(v, "component") for k, v in components.items()},
+        blocked_until=_count(row[5], "blocked until"),
+        policy=_policy_from_fields(row[6]),
+        as_of=_count(row[7], "as of"),
+    )
+
+
+def encode_totals(update: TotalsUpdate) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "totals", "sent": update.sent_at,
+                  "totals": [_total_row(t) for t in update.totals]})
+
+
+def decode_totals(data: bytes) -> TotalsUpdate:
+    _, obj = _unpack(data, "totals", STATE_VERSION)
+    rows = obj.get("totals")
+    if not isinstance(rows, list):
+        raise MalformedMessage("bad totals")
+    return TotalsUpdate(_count(obj.get("sent"), "sent"), [_total_from_row(r) for r in rows])
+
+
+def encode_snapshot_request(request: SnapshotRequest) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "snapshot_req", "node": request.node_id,
+                  "cursor": request.cursor})
+
+
+def decode_snapshot_request(data: bytes) -> SnapshotRequest:
+    _, obj = _unpack(data, "snapshot_req", STATE_VERSION)
+    return SnapshotRequest(_str(obj.get("node"), "node id"), _count(obj.get("cursor"), "cursor"))
+
+
+def encode_snapshot_page(page: SnapshotPage) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "snapshot", "totals":
+                  [_total_row(t) for t in page.totals], "next": page.next_cursor,
+                  "config": _config_map(page.config) if page.config else None})
+
+
+def decode_snapshot_page(data: bytes) -> SnapshotPage:
+    _, obj = _unpack(data, "snapshot", STATE_VERSION)
+    rows = obj.get("totals")
+    if not isinstance(rows, list):
+        raise MalformedMessage("bad totals")
+    next_cursor = obj.get("next")
+    if next_cursor is not None:
+        next_cursor = _count(next_cursor, "cursor")
+    config = obj.get("config")
+    return SnapshotPage([_total_from_row(r) for r in rows], next_cursor,
+                        None if config is None else _config_from_map(config))
+
+
+# --- configuration (central -> nodes, core NATS and snapshots) ----------------------------
+
+def _full_policy_fields(policy: Policy) -> list[Any]:
+    return [policy.limit, policy.duration.text, policy.algorithm, policy.burst, policy.mode,
+            policy.on_unavailable, policy.timeout.text]
+
+
+def _full_policy(fields: Any) -> Policy:
+    if not isinstance(fields, list) or len(fields) != 7:
+        raise MalformedMessage("bad policy")
+    try:
+        return build_policy(limit=fields[0], duration=fields[1], algorithm=fields[2],
+                            burst=fields[3], mode=fields[4], on_unavailable=fields[5],
+                            timeout=fields[6])
+    except InvalidField as exc:
+        raise MalformedMessage(f"bad policy: {exc.message}") from None
+
+
+def _config_map(config: ConfigUpdate) -> dict[str, Any]:
+    return {"version": config.version, "namespaces": {
+        name: [_full_policy_fields(ns.policy),
+               {h: _full_policy_fields(p) for h, p in ns.overrides.items()}]
+        for name, ns in config.namespaces.items()}}
+
+
+def _config_from_map(obj: Any) -> ConfigUpdate:
+    if not isinstance(obj, dict) or not isinstance(obj.get("namespaces"), dict):
+        raise MalformedMessage("bad config")
+    namespaces = {}
+    for name, value in obj["namespaces"].items():
+        if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], dict):
+            raise MalformedMessage("bad namespace config")
+        namespaces[_str(name, "namespace", max_len=64)] = NamespacePolicies(
+            _full_policy(value[0]),
+            {_str(h, "identifier hash", max_len=128): _full_policy(p)
+             for h, p in value[1].items()})
+    return ConfigUpdate(_count(obj.get("version"), "config version"), namespaces)
+
+
+def encode_config(config: ConfigUpdate) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "config", **_config_map(config)})
+
+
+def decode_config(data: bytes) -> ConfigUpdate:
+    _, obj = _unpack(data, "config", STATE_VERSION)
+    return _config_from_map(obj)
+

@@ -1,0 +1,119 @@
+"""A resolved limit policy: what every check, usage entry and consistent request carries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sync.durations import Duration, parse_duration
+from sync.errors import InvalidField
+
+ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
+MODES = ("fast", "consistent")
+ON_UNAVAILABLE = ("open", "closed")
+MAX_LIMIT = 1_000_000_000_000
+DEFAULT_ALGORITHM = "sliding_window"
+DEFAULT_TIMEOUT = "250ms"
+DEFAULT_TIMEOUT_DURATION = Duration(DEFAULT_TIMEOUT, 250)
+MAX_TIMEOUT_MS = 60_000
+POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    limit: int
+    duration: Duration
+    algorithm: str = DEFAULT_ALGORITHM
+    burst: int | None = None
+    mode: str = "fast"
+    on_unavailable: str = "open"
+    timeout: Duration = DEFAULT_TIMEOUT_DURATION
+
+    @property
+    def capacity(self) -> int:
+        """The largest cost one check may carry: ``burst`` for a token bucket, else ``limit``."""
+        if self.algorithm == "token_bucket" and self.burst is not None:
+            return self.burst
+        return self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "limit": self.limit,
+            "duration": self.duration.text,
+            "algorithm": self.algorithm,
+            "burst": self.burst,
+            "mode": self.mode,
+            "on_unavailable": self.on_unavailable,
+            "timeout": self.timeout.text,
+        }
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(field, f"{field} must be an integer")
+    if not 1 <= value <= MAX_LIMIT:
+        raise InvalidField(field, f"{field} must be 1..{MAX_LIMIT}")
+    return value
+
+
+def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InvalidField(field, f"{field} must be one of {', '.join(choices)}")
+    assert isinstance(value, str)
+    return value
+
+
+def build_policy(
+    *,
+    limit: object,
+    duration: object,
+    algorithm: object = None,
+    burst: object = None,
+    mode: object = None,
+    on_unavailable: object = None,
+    timeout: object = None,
+) -> Policy:
+    """Validate raw fields (JSON, TOML or msgpack) into a Policy; InvalidField names the culprit."""
+    if limit is None:
+        raise InvalidField("limit", "limit is required")
+    checked_limit = _positive_int(limit, "limit")
+    if duration is None:
+        raise InvalidField("duration", "duration is required")
+    parsed = parse_duration(duration, field="duration")
+    algo = _choice(algorithm if algorithm is not None else DEFAULT_ALGORITHM, "algorithm",
+                   ALGORITHMS)
+    if parsed.is_month and algo != "fixed_window":
+        raise InvalidField("duration", "duration 'month' works only with algorithm fixed_window")
+    checked_burst: int | None = None
+    if burst is not None:
+        checked_burst = _positive_int(burst, "burst")
+        if algo != "token_bucket":
+            raise InvalidField("burst", "burst applies only to algorithm token_bucket")
+    timeout_d = parse_duration(timeout if timeout is not None else DEFAULT_TIMEOUT,
+                               field="timeout")
+    if timeout_d.is_month or timeout_d.ms > MAX_TIMEOUT_MS:
+        raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
+    return Policy(
+        limit=checked_limit,
+        duration=parsed,
+        algorithm=algo,
+        burst=checked_burst,
+        mode=_choice(mode if mode is not None else "fast", "mode", MODES),
+        on_unavailable=_choice(
+            on_unavailable if on_unavailable is not None else "open", "on_unavailable",
+            ON_UNAVAILABLE,
+        ),
+        timeout=timeout_d,
+    )
+
+
+def policy_from_dict(data: dict[str, Any]) -> Policy:
+    return build_policy(
+        limit=data.get("limit"),
+        duration=data.get("duration"),
+        algorithm=data.get("algorithm"),
+        burst=data.get("burst"),
+        mode=data.get("mode"),
+        on_unavailable=data.get("on_unavailable"),
+        timeout=data.get("timeout"),
+    )

@@ -1,0 +1,38 @@
+"""Window arithmetic both sides share: epoch-aligned windows and calendar months (UTC)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sync.durations import Duration
+
+HOUR_MS = 3_600_000
+
+
+def month_bounds(now_ms: int) -> tuple[int, int]:
+    """Start and end (epoch ms) of the UTC calendar month holding ``now_ms``."""
+    moment = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    if moment.month == 12:
+        end = datetime(moment.year + 1, 1, 1, tzinfo=UTC)
+    else:
+        end = datetime(moment.year, moment.month + 1, 1, tzinfo=UTC)
+    return int(start.timestamp()) * 1000, int(end.timestamp()) * 1000
+
+
+def window_bounds(duration: Duration, now_ms: int) -> tuple[int, int]:
+    """The window ``[start, end)`` that holds ``now_ms``, aligned to the epoch."""
+    if duration.is_month:
+        return month_bounds(now_ms)
+    start = now_ms - now_ms % duration.ms
+    return start, start + duration.ms
+
+
+def window_end(duration: Duration, window_start: int) -> int:
+    if duration.is_month:
+        return month_bounds(window_start)[1]
+    return window_start + duration.ms
+
+
+def hour_start(now_ms: int) -> int:
+    return now_ms - now_ms % HOUR_MS
