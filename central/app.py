@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from central.admin_api import admin_router
 from central.service import CentralService
 from region_node.errors import ApiError
 
@@ -30,6 +31,8 @@ def build_central_app(service: CentralService) -> FastAPI:
             await service.stop()
 
     app = FastAPI(title="regionlimit central", version="1", lifespan=lifespan)
+
+    app.include_router(admin_router(service))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

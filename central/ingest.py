@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.aio.client import Client
@@ -45,7 +45,8 @@ PRUNE_INTERVAL_S = 60.0
 class LeaderIngest:
     def __init__(self, *, nc: Client, ledger: LedgerStore, totals: GlobalTotals,
                  metrics: CentralMetrics, clock: Clock, commit_interval: float,
-                 tick_interval: float, config: Callable[[], ConfigUpdate | None]) -> None:
+                 tick_interval: float,
+                 config: Callable[[], Awaitable[ConfigUpdate | None]]) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._ledger = ledger
@@ -179,7 +180,7 @@ class LeaderIngest:
         end = request.cursor + len(page)
         reply = SnapshotPage([self._totals.key_total(k) for k in page],
                              end if end < len(keys) else None,
-                             self._config() if request.cursor == 0 else None)
+                             await self._config() if request.cursor == 0 else None)
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(encode_snapshot_page(reply))
 

@@ -255,3 +255,9 @@ def _bucket_upsert(dialect: str) -> Insert:
         set_={"admitted": old.admitted + new.admitted, "denied": old.denied + new.denied},
     )
     return upsert
+
+
+def bucket_upsert(dialect: str) -> Insert:
+    """The statement adding increments to usage_hourly (executemany over BucketIncrement
+    fields), for writers that run their own transaction (the consistent authority)."""
+    return _bucket_upsert(dialect)

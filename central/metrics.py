@@ -43,6 +43,15 @@ class CentralMetrics:
         self.commit_failures = Counter("regionlimit_commit_failures", "Failed ledger commits",
                                        registry=r)
         self.unsaved = Gauge("regionlimit_unsaved_rows", "Rows awaiting commit", registry=r)
+        self.consistent_decisions = Counter("regionlimit_consistent_decisions",
+                                            "Consistent checks decided", registry=r)
+        self.consistent_batch = Histogram("regionlimit_consistent_batch_size",
+                                          "Consistent decisions per transaction",
+                                          buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+                                          registry=r)
+        self.authority_errors = Counter("regionlimit_authority_errors",
+                                        "Consistent batches that could not be decided",
+                                        registry=r)
         self.ticks = Counter("regionlimit_totals_published", "Key totals broadcast",
                              registry=r)
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import BigInteger, CheckConstraint, Index, Integer, MetaData, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Deterministic constraint names, so later migrations can alter them by name on every
@@ -56,11 +65,18 @@ class Component(Base):
     __table_args__ = (Index("ix_components_window_end", "window_end"),)
 
 
+# A usage row is "pending" while part of its count has not been folded into the next
+# coarser level yet (see central/rollups.py). The same text serves the partial indexes and
+# the queries, so that Postgres can prove a query's WHERE implies the index predicate.
+PENDING_SQL = "admitted <> rolled_admitted OR denied <> rolled_denied"
+
+
 class UsageHourly(Base):
     """Admitted and denied cost per key, region and UTC hour: what billing reads.
 
-    Later rollups follow the same shape with ``day_start`` / ``month_start`` in
-    ``usage_daily`` / ``usage_monthly``.
+    ``admitted``/``denied`` only ever grow (ingest adds). ``rolled_*`` is the part already
+    added to ``usage_daily``; the difference is pending. Rows are rolled up into
+    ``usage_daily`` and ``usage_monthly`` and pruned after the hourly retention.
     """
 
     __tablename__ = "usage_hourly"
@@ -71,6 +87,66 @@ class UsageHourly(Base):
     hour_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     admitted: Mapped[int] = mapped_column(BigInteger)
     denied: Mapped[int] = mapped_column(BigInteger)
+    # Server defaults: ingest inserts rows without naming these columns.
+    rolled_admitted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rolled_denied: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+    __table_args__ = (
+        Index("ix_usage_hourly_pending", "hour_start",
+              postgresql_where=text(PENDING_SQL), sqlite_where=text(PENDING_SQL)),
+    )
+
+
+class UsageDaily(Base):
+    """Hourly usage rolled up per UTC day; ``rolled_*`` is the part added to monthly."""
+
+    __tablename__ = "usage_daily"
+
+    namespace: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    day_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    admitted: Mapped[int] = mapped_column(BigInteger)
+    denied: Mapped[int] = mapped_column(BigInteger)
+    rolled_admitted: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rolled_denied: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+    __table_args__ = (
+        Index("ix_usage_daily_pending", "day_start",
+              postgresql_where=text(PENDING_SQL), sqlite_where=text(PENDING_SQL)),
+    )
+
+
+class UsageMonthly(Base):
+    """Daily usage rolled up per UTC calendar month; kept forever."""
+
+    __tablename__ = "usage_monthly"
+
+    namespace: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text, primary_key=True)
+    month_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    admitted: Mapped[int] = mapped_column(BigInteger)
+    denied: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageRetention(Base):
+    """The single row saying from when on the fine levels are complete.
+
+    ``hourly_from`` (a UTC day start): hourly rows of every hour at or after it are
+    present; earlier hours were pruned. ``daily_from`` (a UTC month start): the same for
+    daily rows. Queries read both in the snapshot they read usage in, so they never ask a
+    pruned level for detail. ``rollup_at`` is when the last rollup run completed.
+    """
+
+    __tablename__ = "usage_retention"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    hourly_from: Mapped[int] = mapped_column(BigInteger)
+    daily_from: Mapped[int] = mapped_column(BigInteger)
+    rollup_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
 
 class Namespace(Base):
@@ -131,6 +207,9 @@ class ConfigState(Base):
 # Core tables, for bulk statements (upserts) that bypass the ORM unit of work.
 components = cast(Table, Component.__table__)
 usage_hourly = cast(Table, UsageHourly.__table__)
+usage_daily = cast(Table, UsageDaily.__table__)
+usage_monthly = cast(Table, UsageMonthly.__table__)
+usage_retention = cast(Table, UsageRetention.__table__)
 namespaces = cast(Table, Namespace.__table__)
 overrides = cast(Table, Override.__table__)
 config_state = cast(Table, ConfigState.__table__)

@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import text
 
+from central.authority import Authority
+from central.config_store import ConfigStore
 from central.database import make_engine
 from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
@@ -19,8 +21,10 @@ from central.metrics import CentralMetrics
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
 from region_node.checker import Clock, wall_clock_ms
+from region_node.identifiers import IdentifierHasher
 from sync.connection import NatsLink, NatsOptions
-from sync.messages import ConfigUpdate
+from sync.messages import ConfigUpdate, encode_config
+from sync.subjects import CONFIG
 
 log = logging.getLogger("regionlimit.central")
 LEASE_POLL_S = 1.0
@@ -30,27 +34,56 @@ class CentralService:
     def __init__(self, settings: CentralSettings, *, database_url: str,
                  clock: Clock = wall_clock_ms) -> None:
         assert settings.nats_url is not None
+        assert settings.admin_token is not None and settings.identifier_secret is not None
         self.settings = settings
         self.clock = clock
+        self.admin_token = settings.admin_token.get_secret_value()
+        self.hasher = IdentifierHasher(settings.identifier_secret.get_secret_value())
         self.replica_id = f"central.{socket.gethostname().split('.')[0]}.{secrets.token_hex(4)}"
         self.engine = make_engine(database_url)
         self.lease = LeaderLease(self.engine)
         self.ledger = LedgerStore(self.engine, lease=self.lease)
+        self.config = ConfigStore(self.engine, clock=clock)
         self.totals: GlobalTotals | None = None
         self.metrics = CentralMetrics(self.replica_id)
         self.metrics.track_over_admission(
             lambda: dict(self.totals.over_admission) if self.totals else {})
+        self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
                                          tls_ca=settings.nats_tls_ca, name=self.replica_id))
         self.is_leader = False
         self._tasks: list[asyncio.Task[None]] = []
 
-    def current_config(self) -> ConfigUpdate | None:
-        return None
+    async def current_config(self) -> ConfigUpdate | None:
+        try:
+            return await self.config.load()
+        except Exception as exc:
+            log.warning("configuration unavailable for a snapshot (%s)", type(exc).__name__)
+            return None
+
+    async def publish_config(self) -> None:
+        """Broadcast the whole configuration; nodes that miss it heal at their next
+        snapshot, so a failure here is logged, not raised."""
+        nc = self.link.nc
+        if nc is None or not nc.is_connected:
+            log.warning("configuration stored but not broadcast: NATS unavailable")
+            return
+        try:
+            await nc.publish(CONFIG, encode_config(await self.config.load()))
+            await nc.flush(timeout=2)
+        except Exception as exc:
+            log.warning("configuration broadcast failed (%s)", type(exc).__name__)
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._lead_forever(), name="leadership"))
+        self._tasks.append(asyncio.create_task(self._serve_authority(), name="authority"))
+
+    async def _serve_authority(self) -> None:
+        """Every replica answers consistent checks (a queue group spreads them)."""
+        await self.link.connected.wait()
+        assert self.link.nc is not None
+        await self.authority.serve(self.link.nc)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -7,8 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from region_node.settings import check_interval
-from sync.durations import parse_duration
+from region_node.settings import check_interval, setting_ms
 
 
 class CentralSettings(BaseSettings):
@@ -25,14 +24,27 @@ class CentralSettings(BaseSettings):
     tick_interval: str = "100ms"
     commit_interval: str = "1s"
     retention: str = "7d"
+    # Usage rollups (central/rollups.py): hour-level detail is kept this long, day-level
+    # detail that long; monthly totals forever. Whole days / months are pruned at once.
+    hourly_retention: str = "35d"
+    daily_retention: str = "400d"
+    rollup_interval: str = "10m"
     log_level: str = "info"
 
-    _intervals = field_validator("tick_interval", "commit_interval", "retention")(
-        check_interval)
+    _intervals = field_validator("tick_interval", "commit_interval", "retention",
+                                 "rollup_interval")(check_interval)
+
+    @field_validator("hourly_retention", "daily_retention")
+    @classmethod
+    def _at_least_a_day(cls, value: str) -> str:
+        check_interval(value)
+        if setting_ms(value) < 86_400_000:
+            raise ValueError("a usage retention must be at least 1d")
+        return value
 
     def seconds(self, name: str) -> float:
-        return parse_duration(getattr(self, name)).ms / 1000
+        return setting_ms(getattr(self, name)) / 1000
 
     @property
     def retention_ms(self) -> int:
-        return parse_duration(self.retention).ms
+        return setting_ms(self.retention)

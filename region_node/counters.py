@@ -10,8 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from region_node.algorithms import ALGORITHMS
-from region_node.algorithms.base import CUR_DIRTY, PREV_DIRTY, Decision, KeyState
-from region_node.algorithms.token_bucket import refill
+from region_node.algorithms.base import (
+    CUR_DIRTY,
+    PREV_DIRTY,
+    Decision,
+    KeyState,
+    advance,
+    refill,
+)
 from sync.durations import Duration
 from sync.messages import KeyTotal, UsageEntry
 from sync.policy import Policy
@@ -37,7 +43,10 @@ def previous_window_start(duration: Duration, cur_start: int) -> int:
 
 
 class CounterStore:
-    def __init__(self) -> None:
+    def __init__(self, *, publishes: bool = True) -> None:
+        # A standalone node has nowhere to publish: tracking unpublished usage would only
+        # keep every key ever seen from being evicted.
+        self._publishes = publishes
         self._states: dict[str, KeyState] = {}
         self._dirty: set[str] = set()
         # Entries that left the live state before publication: retired windows, sealed
@@ -53,6 +62,28 @@ class CounterStore:
 
     def check(self, namespace: str, key_hash: str, policy: Policy, cost: int,
               now: int) -> Decision:
+        key, state = self._current(namespace, key_hash, policy, now)
+        decision = ALGORITHMS[policy.algorithm].decide(state, policy, now, cost)
+        if cost and self._publishes:
+            state.flags |= CUR_DIRTY
+            self._dirty.add(key)
+        return decision
+
+    def record(self, namespace: str, key_hash: str, policy: Policy, cost: int,
+               admitted: bool, now: int) -> None:
+        """Count usage decided elsewhere (a consistent-mode fallback) so it is published."""
+        key, state = self._current(namespace, key_hash, policy, now)
+        if admitted:
+            state.cur += cost
+        else:
+            state.cur_denied += cost
+        if cost and self._publishes:
+            state.flags |= CUR_DIRTY
+            self._dirty.add(key)
+
+    def _current(self, namespace: str, key_hash: str, policy: Policy, now: int
+                 ) -> tuple[str, KeyState]:
+        """The key's state, brought to the window holding ``now``."""
         if now >= self._hour_end:
             self._seal_hour(now)
         key = f"{namespace}/{key_hash}"
@@ -62,11 +93,7 @@ class CounterStore:
             state = self._states[key] = KeyState(policy, start, end, now)
         elif now >= state.cur_end or state.policy is not policy:
             self._advance(key, state, policy, now)
-        decision = ALGORITHMS[policy.algorithm].decide(state, policy, now, cost)
-        if cost:
-            state.flags |= CUR_DIRTY
-            self._dirty.add(key)
-        return decision
+        return key, state
 
     def _window(self, duration: Duration, now: int) -> tuple[int, int]:
         bounds = self._bounds.get(duration)
@@ -75,35 +102,13 @@ class CounterStore:
         return bounds
 
     def _advance(self, key: str, state: KeyState, policy: Policy, now: int) -> None:
-        """Bring ``state`` to the window holding ``now`` under ``policy``."""
-        old = state.policy
-        if old.duration != policy.duration or old.algorithm != policy.algorithm:
-            # Different windows or algorithm: old counts don't carry over.
-            self._retire(key, state, now, both=True)
-            start, end = self._window(policy.duration, now)
-            KeyState.__init__(state, policy, start, end, now)
-            return
-        if old.algorithm == "token_bucket":
-            refill(state, old, now)
-            state.level = min(state.level, policy.capacity * policy.duration.ms)
-        state.policy = policy
-        if now < state.cur_end:
-            return
-        start, end = self._window(policy.duration, now)
-        if start == state.cur_end:
-            self._retire(key, state, now, both=False)
-            state.prev, state.prev_denied = state.cur, state.cur_denied
-            state.remote_prev = state.remote_cur
-            state.flags = PREV_DIRTY if state.flags & CUR_DIRTY else 0
-        else:
-            self._retire(key, state, now, both=True)
-            state.prev = state.prev_denied = state.remote_prev = 0
-            state.flags = 0
-        state.cur = state.cur_denied = state.remote_cur = 0
-        state.cur_start, state.cur_end = start, end
+        advance(state, policy, now, self._window,
+                lambda old, both: self._retire(key, old, now, both=both))
 
     def _retire(self, key: str, state: KeyState, now: int, *, both: bool) -> None:
         """Move the windows about to be forgotten into the outbox if unpublished."""
+        if not self._publishes:
+            return
         namespace, key_hash = split_key(key)
         if state.flags & PREV_DIRTY:
             start = previous_window_start(state.policy.duration, state.cur_start)

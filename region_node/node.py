@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from region_node.checker import Checker, Clock, wall_clock_ms
+from region_node.consistent import ConsistentClient
 from region_node.counters import CounterStore
 from region_node.http import CheckEndpoints
 from region_node.identifiers import IdentifierHasher
@@ -39,7 +40,7 @@ class RegionNode:
         self.node_id = make_node_id(settings.region)
         self.clock = clock
         file_namespaces = load_policy_file(settings.config) if settings.config else {}
-        self.store = CounterStore()
+        self.store = CounterStore(publishes=settings.nats_url is not None)
         self.resolver = PolicyResolver(
             file_namespaces=file_namespaces, inline_enabled=settings.inline_namespaces,
             max_inline_namespaces=settings.max_inline_namespaces)
@@ -62,6 +63,9 @@ class RegionNode:
                 resolver=self.resolver, metrics=self.metrics, clock=clock,
                 flush_interval=settings.flush_interval_s,
                 snapshot_timeout=settings.snapshot_timeout_s, spill_path=settings.spill_file())
+            self.checker.authority = ConsistentClient(
+                link=self.sync.link, node_id=self.node_id, region=self.region,
+                store=self.store, metrics=self.metrics, clock=clock)
 
     async def start(self) -> None:
         if self.sync is None:

@@ -40,21 +40,33 @@ def parse_policy_document(data: dict[str, Any], *, source: str) -> dict[str, Nam
             raise PolicyFileError(where, f"{source}: bad namespace name {name!r}")
         if not isinstance(table, dict):
             raise PolicyFileError(where, f"{source}: {where} must be a table")
-        base = _policy(table, f"{source}: {where}")
+        base = _policy(table, f"{source}: {where}", extra="overrides")
+        items = table.get("overrides", [])
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise PolicyFileError(f"{where}.overrides", f"{source}: {where}.overrides must be "
+                                  f"an array of tables ([[{where}.overrides]])")
         overrides: dict[str, Policy] = {}
-        for i, item in enumerate(table.get("overrides", [])):
+        for i, item in enumerate(items):
             at = f"{where}.overrides[{i}]"
-            key_hash = item.get("identifier_hash") if isinstance(item, dict) else None
+            key_hash = item.get("identifier_hash")
             if not isinstance(key_hash, str) or not HASH_PATTERN.fullmatch(key_hash):
                 raise PolicyFileError(f"{at}.identifier_hash", f"{source}: {at}.identifier_hash "
                                       "must be 32 lowercase hex characters (regionlimit hash)")
-            overrides[key_hash] = _policy({**base.to_dict(), **item}, f"{source}: {at}")
+            if key_hash in overrides:
+                raise PolicyFileError(f"{at}.identifier_hash", f"{source}: {at}.identifier_hash "
+                                      "repeats an earlier override of the same identifier")
+            inherited = base.to_dict()
+            if "burst" not in item and item.get("algorithm", base.algorithm) != "token_bucket":
+                # An override that leaves the token bucket leaves its burst behind too.
+                inherited["burst"] = None
+            overrides[key_hash] = _policy({**inherited, **item}, f"{source}: {at}",
+                                          extra="identifier_hash")
         result[name] = NamespaceConfig(base, overrides)
     return result
 
 
-def _policy(table: dict[str, Any], where: str) -> Policy:
-    unknown = set(table) - set(POLICY_FIELDS) - {"overrides", "identifier_hash"}
+def _policy(table: dict[str, Any], where: str, *, extra: str) -> Policy:
+    unknown = set(table) - set(POLICY_FIELDS) - {extra}
     if unknown:
         raise PolicyFileError(sorted(unknown)[0], f"{where}: unknown key {sorted(unknown)[0]!r}")
     try:

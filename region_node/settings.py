@@ -12,8 +12,16 @@ from sync.durations import parse_duration
 REGION_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 
 
+MAX_SETTING_MS = 100 * 366 * 86_400_000  # retention may be years; windows may not
+
+
+def setting_ms(value: str) -> int:
+    """Milliseconds of a duration setting (intervals, timeouts, retentions)."""
+    return parse_duration(value, field="interval", max_ms=MAX_SETTING_MS).ms
+
+
 def check_interval(value: str) -> str:
-    duration = parse_duration(value, field="interval")
+    duration = parse_duration(value, field="interval", max_ms=MAX_SETTING_MS)
     if duration.is_month:
         raise ValueError("an interval cannot be 'month'")
     return value
@@ -42,11 +50,11 @@ class NodeSettings(BaseSettings):
 
     @property
     def flush_interval_s(self) -> float:
-        return parse_duration(self.flush_interval).ms / 1000
+        return setting_ms(self.flush_interval) / 1000
 
     @property
     def snapshot_timeout_s(self) -> float:
-        return parse_duration(self.snapshot_timeout).ms / 1000
+        return setting_ms(self.snapshot_timeout) / 1000
 
     def spill_file(self) -> Path:
         return self.spill_path or Path(".regionlimit") / f"spill-{self.region}.msgpack"

@@ -40,7 +40,7 @@ class NodeSync:
         self._flush_interval = flush_interval
         self._snapshot_timeout = snapshot_timeout
         self._spill_path = spill_path
-        self._link = NatsLink(options, on_connect=self._on_connect,
+        self.link = NatsLink(options, on_connect=self._on_connect,
                               on_disconnect=self._on_disconnect)
         self._js: JetStreamContext | None = None
         self._publisher: UsagePublisher | None = None
@@ -55,7 +55,7 @@ class NodeSync:
         metrics.sync_state = self.state
 
     def state(self) -> str:
-        return "ok" if self.snapshot_ok and self._link.is_connected else "degraded"
+        return "ok" if self.snapshot_ok and self.link.is_connected else "degraded"
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ class NodeSync:
             self._store.seed_remote(batch.entries, now)
         if self._spilled:
             log.info("loaded %d spilled batches from %s", len(self._spilled), self._spill_path)
-        self._tasks.append(asyncio.create_task(self._link.run(), name="nats-connect"))
+        self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._flush_forever(), name="flush"))
         self._tasks.append(asyncio.create_task(self._ready_after_timeout(), name="ready"))
 
@@ -86,11 +86,11 @@ class NodeSync:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._link.is_connected:
+        if self.link.is_connected:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.flush(), FINAL_FLUSH_TIMEOUT_S)
         self._spill_rest()
-        await self._link.close()
+        await self.link.close()
 
     def _spill_rest(self) -> None:
         batches = list(self._spilled)
@@ -106,7 +106,7 @@ class NodeSync:
     # --- connection events ---------------------------------------------------------------
 
     async def _on_connect(self) -> None:
-        nc = self._link.nc
+        nc = self.link.nc
         assert nc is not None
         self._js = js = nc.jetstream()
         self._publisher = UsagePublisher(js, node_id=self.node_id, region=self.region)
@@ -184,7 +184,7 @@ class NodeSync:
     async def flush(self) -> None:
         """Publish every unpublished key-window; on failure they stay for the next try."""
         async with self._flush_lock:
-            if not self._link.is_connected or self._publisher is None:
+            if not self.link.is_connected or self._publisher is None:
                 return
             publisher = self._publisher
             while self._spilled:

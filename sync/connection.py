@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
@@ -23,6 +24,16 @@ class NatsOptions:
     creds: Path | None = None
     tls_ca: Path | None = None
     name: str = "regionlimit"
+
+
+def redact(url: str) -> str:
+    """The URL without user and password: credentials never reach a log."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _noop() -> None:
@@ -56,12 +67,12 @@ class NatsLink:
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
                     error_cb=self._error)
             except (TimeoutError, OSError, nats.errors.Error) as exc:
-                log.warning("NATS %s unreachable (%s); retrying", self.options.url,
+                log.warning("NATS %s unreachable (%s); retrying", redact(self.options.url),
                             type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
                 continue
-            log.info("connected to NATS %s", self.options.url)
+            log.info("connected to NATS %s", redact(self.options.url))
             self.connected.set()
             await self._on_connect()
             return

@@ -26,7 +26,8 @@ class Duration:
         return self.ms == 0
 
 
-def parse_duration(value: object, *, field: str = "duration") -> Duration:
+def parse_duration(value: object, *, field: str = "duration",
+                   max_ms: int = MAX_DURATION_MS) -> Duration:
     if not isinstance(value, str):
         raise InvalidDuration(field, value)
     if value == MONTH:
@@ -36,7 +37,7 @@ def parse_duration(value: object, *, field: str = "duration") -> Duration:
     if match is None:
         raise InvalidDuration(field, value)
     ms = int(match.group(1)) * _UNIT_MS[match.group(2)]
-    if ms > MAX_DURATION_MS:
+    if ms > max_ms:
         raise InvalidDuration(field, value)
     return Duration(value, ms)
 

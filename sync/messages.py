@@ -314,3 +314,65 @@ def decode_config(data: bytes) -> ConfigUpdate:
     _, obj = _unpack(data, "config", STATE_VERSION)
     return _config_from_map(obj)
 
+
+
+# --- consistent mode (node -> authority, request/reply) -----------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ConsistentRequest:
+    namespace: str
+    key_hash: str
+    cost: int
+    policy: Policy
+    node_id: str
+    region: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentDecision:
+    allowed: bool
+    remaining: int
+    reset_at: int
+    retry_after_ms: int | None
+
+
+def encode_consistent_request(request: ConsistentRequest) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "decide", "ns": request.namespace,
+                  "key": request.key_hash, "cost": request.cost,
+                  "policy": _full_policy_fields(request.policy), "node": request.node_id,
+                  "region": request.region})
+
+
+def decode_consistent_request(data: bytes) -> ConsistentRequest:
+    _, obj = _unpack(data, "decide", STATE_VERSION)
+    policy = _full_policy(obj.get("policy"))
+    cost = _count(obj.get("cost"), "cost")
+    if cost > policy.capacity:
+        raise MalformedMessage("cost above capacity")
+    return ConsistentRequest(
+        namespace=_str(obj.get("ns"), "namespace", max_len=64),
+        key_hash=_str(obj.get("key"), "key hash", max_len=128), cost=cost, policy=policy,
+        node_id=_str(obj.get("node"), "node id"),
+        region=_str(obj.get("region"), "region", max_len=64))
+
+
+def encode_consistent_decision(decision: ConsistentDecision | None) -> bytes:
+    """``None`` tells the node the authority could not decide (its fallback applies)."""
+    if decision is None:
+        return _pack({"v": STATE_VERSION, "t": "decision", "error": True})
+    return _pack({"v": STATE_VERSION, "t": "decision", "allowed": decision.allowed,
+                  "remaining": decision.remaining, "reset_at": decision.reset_at,
+                  "retry": decision.retry_after_ms})
+
+
+def decode_consistent_decision(data: bytes) -> ConsistentDecision | None:
+    _, obj = _unpack(data, "decision", STATE_VERSION)
+    if obj.get("error"):
+        return None
+    allowed = obj.get("allowed")
+    if not isinstance(allowed, bool):
+        raise MalformedMessage("bad decision")
+    retry = obj.get("retry")
+    return ConsistentDecision(allowed, _count(obj.get("remaining"), "remaining"),
+                              _count(obj.get("reset_at"), "reset_at"),
+                              None if retry is None else _count(retry, "retry"))

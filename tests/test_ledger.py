@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import pkgutil
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import central
 from central.database import make_engine, normalize_url
 from central.ledger import BucketIncrement, ComponentRow, LedgerStore
-from central.migrate import run_migrations
+from central.migrate import alembic_config, run_migrations
 from central.models import Base, components, usage_hourly
 
 HOUR = 3_600_000
@@ -134,14 +138,20 @@ async def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
 async def test_migrations_apply_twice_and_match_the_models(ledger_url: str) -> None:
     await run_migrations(ledger_url)
     await run_migrations(ledger_url)  # already at head: a no-op, not an error
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
 
     engine = make_engine(ledger_url)
     try:
         async with engine.connect() as connection:
             version = await connection.execute(text("SELECT version_num FROM alembic_version"))
-            assert version.scalars().all() == ["0001"]
+            assert version.scalars().all() == [head]
             state = await connection.execute(text("SELECT id, version FROM config_state"))
             assert [tuple(row) for row in state] == [(1, 0)]
+
+            # Models may live outside central.models (on its Base): import every module.
+            for module in pkgutil.iter_modules(central.__path__):
+                importlib.import_module(f"central.{module.name}")
 
             def diff(sync_connection: Connection) -> list[object]:
                 context = MigrationContext.configure(sync_connection)

@@ -27,6 +27,7 @@ def utc_ms(*args: int) -> int:
 @pytest.mark.parametrize(("text", "ms"), [
     ("250ms", 250), ("1ms", 1), ("30s", 30_000), ("5m", 300_000), ("1h", 3_600_000),
     ("1d", 86_400_000), ("366d", MAX_DURATION_MS), ("90s", 90_000),
+    (f"{MAX_DURATION_MS}ms", MAX_DURATION_MS),  # 11 digits: the bound is the range
 ])
 def test_parse_duration_accepts_contract_units(text: str, ms: int) -> None:
     assert parse_duration(text) == Duration(text, ms)
@@ -40,8 +41,9 @@ def test_month_is_a_duration_of_varying_length() -> None:
 
 @pytest.mark.parametrize("value", [
     "", "0s", "01s", "-1s", "+1s", "1.5s", "1 s", " 1s", "1s ", "1S", "1y", "1w", "s", "1",
-    "1s\n", "\n1s", "1m\n", "month\n", "Month", "367d", "99999999999ms", "1e3ms",
-    "١s",  # an Arabic-Indic digit: \d would take it, the contract does not
+    "1s\n", "\n1s", "1m\n", "month\n", "Month", "367d", f"{MAX_DURATION_MS + 1}ms",
+    "999999999999ms", "1e3ms",
+    "\u0661s",  # an Arabic-Indic digit one: \d would take it, the contract does not
     60, 1.5, None, True, ["1s"], {"ms": 1},
 ])
 def test_parse_duration_rejects_everything_else(value: object) -> None:

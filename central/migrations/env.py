@@ -2,13 +2,16 @@
 
 Normally run through ``central.migrate.run_migrations``, which hands over an open
 connection in ``config.attributes["connection"]``. Without one (the ``alembic`` command
-line, with ``script_location`` pointing here and ``sqlalchemy.url`` set) it opens its own
-async engine; ``--sql`` (offline mode) prints the DDL for a DBA instead.
+line: ``alembic -c central/migrations/alembic.ini``, database in REGIONLIMIT_DATABASE_URL)
+it opens its own async engine; ``--sql`` (offline mode) prints the DDL for a DBA instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
+import pkgutil
 
 from alembic import context
 from sqlalchemy import text
@@ -21,6 +24,18 @@ from central.models import Base
 # Any constant works as long as nothing else in the database uses it; it is distinct from
 # the leader lease's key so that a migration never waits for (or on) the leader.
 MIGRATION_LOCK_KEY = 0x726C5F6D69677261  # "rl_migra"
+
+
+def _import_all_models() -> None:
+    # Models of other central modules sit on the same Base; autogenerate (a developer's
+    # `alembic revision --autogenerate`, the command-line path) must see them all. The
+    # programmatic upgrade needs no metadata and skips these imports (FastAPI and all).
+    import central
+
+    for module in pkgutil.iter_modules(central.__path__):
+        if module.name != "migrations":
+            importlib.import_module(f"central.{module.name}")
+
 
 target_metadata = Base.metadata
 
@@ -69,9 +84,12 @@ def _main() -> None:
     if isinstance(connection, Connection):
         _configure_and_run(connection)
         return
-    url = context.config.get_main_option("sqlalchemy.url")
+    _import_all_models()
+    url = context.config.get_main_option("sqlalchemy.url") or os.environ.get(
+        "REGIONLIMIT_DATABASE_URL"
+    )
     if not url:
-        raise RuntimeError("no connection given and sqlalchemy.url is not set")
+        raise RuntimeError("set REGIONLIMIT_DATABASE_URL (or sqlalchemy.url) to migrate")
     if context.is_offline_mode():
         _run_offline(url)
     else:

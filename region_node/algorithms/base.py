@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from sync.durations import Duration
 from sync.policy import Policy
+
+Bounds = Callable[[Duration, int], tuple[int, int]]
+Retire = Callable[["KeyState", bool], None]  # (state, both windows?) before they move
 
 CUR_DIRTY = 1
 PREV_DIRTY = 2
@@ -15,6 +20,12 @@ class Decision(NamedTuple):
     remaining: int
     reset_at: int
     retry_after_ms: int | None
+
+
+# The hot path builds decisions with ``new_decision(Decision, (allowed, remaining, reset_at,
+# retry_after_ms))``: a NamedTuple's generated __new__ costs several times more than the
+# decision itself (bench/node_bench.py).
+new_decision = tuple.__new__
 
 
 class KeyState:
@@ -78,4 +89,48 @@ def deny(state: KeyState, algorithm: Algorithm, policy: Policy, now: int, cost: 
         retry = max(retry, algorithm.retry_after(state, policy, now, cost or 1))
     if state.blocked_until > now:
         remaining, reset_at = 0, max(reset_at, state.blocked_until)
-    return Decision(False, remaining, reset_at, retry)
+    return new_decision(Decision, (False, remaining, reset_at, retry))
+
+
+def refill(state: KeyState, policy: Policy, now: int) -> None:
+    """Token bucket refill up to ``now`` (here so window stepping can use it too)."""
+    if now > state.level_at:
+        full = policy.capacity * policy.duration.ms
+        state.level = min(full, state.level + (now - state.level_at) * policy.limit)
+        state.level_at = now
+
+
+def advance(state: KeyState, policy: Policy, now: int, bounds: Bounds,
+            retire: Retire | None = None) -> None:
+    """Bring ``state`` under ``policy`` to the window holding ``now``.
+
+    ``retire`` sees the windows about to be forgotten (the previous one, or both), so a
+    caller can keep what was never published."""
+    old = state.policy
+    if old.duration != policy.duration or old.algorithm != policy.algorithm:
+        # Different windows or algorithm: old counts don't carry over.
+        if retire is not None:
+            retire(state, True)
+        start, end = bounds(policy.duration, now)
+        KeyState.__init__(state, policy, start, end, now)
+        return
+    if old.algorithm == "token_bucket":
+        refill(state, old, now)
+        state.level = min(state.level, policy.capacity * policy.duration.ms)
+    state.policy = policy
+    if now < state.cur_end:
+        return
+    start, end = bounds(policy.duration, now)
+    if start == state.cur_end:
+        if retire is not None:
+            retire(state, False)
+        state.prev, state.prev_denied = state.cur, state.cur_denied
+        state.remote_prev = state.remote_cur
+        state.flags = PREV_DIRTY if state.flags & CUR_DIRTY else 0
+    else:
+        if retire is not None:
+            retire(state, True)
+        state.prev = state.prev_denied = state.remote_prev = 0
+        state.flags = 0
+    state.cur = state.cur_denied = state.remote_cur = 0
+    state.cur_start, state.cur_end = start, end

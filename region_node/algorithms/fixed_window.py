@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny
+from region_node.algorithms.base import Decision, KeyState, deny, new_decision
 from sync.policy import Policy
 
 
@@ -13,7 +13,7 @@ class FixedWindow:
         fits = used + (cost or 1) <= limit
         if fits and state.blocked_until <= now:
             state.cur += cost
-            return Decision(True, limit - used - cost, state.cur_end, None)
+            return new_decision(Decision, (True, limit - used - cost, state.cur_end, None))
         return deny(state, self, policy, now, cost, fits, max(0, limit - used), state.cur_end)
 
     def retry_after(self, state: KeyState, policy: Policy, now: int, cost: int) -> int:

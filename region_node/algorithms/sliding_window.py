@@ -3,22 +3,23 @@ still inside the span. All arithmetic is scaled by the window length, so it is e
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny
+from region_node.algorithms.base import Decision, KeyState, deny, new_decision
 from sync.policy import Policy
 
 
 class SlidingWindow:
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
+        cur = state.cur + state.remote_cur
         # Room left, times d: limit * d - prev * (d - elapsed) - cur * d.
-        room = (policy.limit - state.cur - state.remote_cur) * d - (
-            state.prev + state.remote_prev) * (d - now + state.cur_start)
+        room = (policy.limit - cur) * d - (state.prev + state.remote_prev) * (
+            d - now + state.cur_start)
         fits = room >= (cost or 1) * d
         if fits and state.blocked_until <= now:
             state.cur += cost
-            reset_at = state.cur_end + d if state.cur + state.remote_cur else state.cur_end
-            return Decision(True, room // d - cost, reset_at, None)
-        reset_at = state.cur_end + d if state.cur + state.remote_cur else state.cur_end
+            reset_at = state.cur_end + d if cur + cost else state.cur_end
+            return new_decision(Decision, (True, room // d - cost, reset_at, None))
+        reset_at = state.cur_end + d if cur else state.cur_end
         return deny(state, self, policy, now, cost, fits, max(0, room // d), reset_at)
 
     def retry_after(self, state: KeyState, policy: Policy, now: int, cost: int) -> int:

@@ -6,31 +6,30 @@ admitted by other nodes is debited when central reports it; the level may go neg
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny
+from region_node.algorithms.base import Decision, KeyState, deny, new_decision, refill
 from sync.policy import Policy
-
-
-def refill(state: KeyState, policy: Policy, now: int) -> None:
-    if now > state.level_at:
-        full = policy.capacity * policy.duration.ms
-        state.level = min(full, state.level + (now - state.level_at) * policy.limit)
-        state.level_at = now
 
 
 class TokenBucket:
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
-        full = policy.capacity * d
+        rate = policy.limit
+        # policy.capacity, inlined: this is a token bucket.
+        full = (policy.burst if policy.burst is not None else rate) * d
         level = state.level
         if now > state.level_at:
-            level = state.level = min(full, level + (now - state.level_at) * policy.limit)
+            level += (now - state.level_at) * rate
+            if level > full:
+                level = full
+            state.level = level
             state.level_at = now
         fits = level >= (cost or 1) * d
         if fits and state.blocked_until <= now:
-            level = state.level = level - cost * d
-            state.cur += cost
-            return Decision(True, level // d, now - (level - full) // policy.limit, None)
-        reset_at = now - (level - full) // policy.limit
+            if cost:
+                level = state.level = level - cost * d
+                state.cur += cost
+            return new_decision(Decision, (True, level // d, now - (level - full) // rate, None))
+        reset_at = now - (level - full) // rate
         return deny(state, self, policy, now, cost, fits, max(0, level // d), reset_at)
 
     def retry_after(self, state: KeyState, policy: Policy, now: int, cost: int) -> int:

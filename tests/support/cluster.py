@@ -141,3 +141,10 @@ def paced(total: int, rate: float) -> Iterator[int]:
         if delay > 0:
             time.sleep(delay)
         yield i
+
+
+def admin(url: str, method: str, path: str, body: Any = None) -> httpx.Response:
+    from tests.support.processes import TEST_ADMIN_TOKEN
+
+    return httpx.request(method, url + path, json=body, timeout=10.0,
+                         headers={"authorization": f"Bearer {TEST_ADMIN_TOKEN}"})

@@ -1,0 +1,203 @@
+"""Over-admission in fast mode: one key spread over three nodes, measured vs predicted.
+
+    .venv/bin/python -m bench.over_admission [--rates 100,1000,5000] [--repeats 3]
+        [--lag-samples 60] [--postgres URL]
+
+A whole system on loopback (own nats-server, throwaway Postgres database, central, nodes
+us, eu, ap as processes; defaults flush 100 ms, tick 100 ms). For each total rate and
+repeat, a fresh key in an inline fixed-window namespace (duration 1 h, limit = rate x 2 s)
+gets checks spread evenly over the three nodes at a steady pace for 3 s (1.5 x limit
+checks), so the key reaches its limit about 2 s in. Checks go as `/v1/check/batch`
+requests of the checks one node is due in ~10 ms (1 at 100/s, 3 at 1,000/s, 17 at
+5,000/s), all for the same key. Admitted = allowed answers; over-admission = admitted -
+limit, as a percentage of the limit. Central's own figure (the increase of
+`regionlimit_over_admission`) and the ledger's sum of the key's components are printed
+beside it.
+
+Prediction from the design: over-admission is bounded by what the other nodes admit during
+one sync lag: predicted = rate x (n-1)/n x lag, with n = 3 and the lag measured first on
+this same system (the convergence measurement of bench/convergence.py, `--lag-samples`
+samples): p50 lag for the expected value, p99 lag for the bound.
+
+The plot goes to docs/over_admission.png, the figures to bench/out/over_admission.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import convergence
+from bench._cluster import (
+    OUT_DIR,
+    BenchCluster,
+    PacedBatches,
+    common_args,
+    load_after,
+    machine,
+    metric_value,
+    metrics,
+)
+
+NAMESPACE = "overadm"
+WINDOW_S = 2.0  # limit = rate x WINDOW_S
+RUN_S = 3.0
+BATCH_EVERY_S = 0.010
+NODES = 3
+PLOT = Path(__file__).resolve().parent.parent / "docs" / "over_admission.png"
+
+
+def one_run(system: BenchCluster, rate: float) -> dict[str, Any]:
+    limit = round(rate * WINDOW_S)
+    identifier = f"over-{uuid.uuid4().hex[:12]}"
+    per_node = rate / NODES
+    batch = max(1, round(per_node * BATCH_EVERY_S))
+    check = {"namespace": NAMESPACE, "identifier": identifier, "cost": 1, "limit": limit,
+             "duration": "1h", "algorithm": "fixed_window"}
+    body = orjson.dumps({"checks": [check] * batch})
+    central_before = metric_value(metrics(system.central_url), "regionlimit_over_admission_total",
+                                  namespace=NAMESPACE)
+    load = PacedBatches(system.node_urls, [[(body, batch)]] * NODES,
+                        [per_node / batch] * NODES, duration_s=RUN_S).run()
+    if load.errors:
+        raise RuntimeError(f"{len(load.errors)} errors, first: {load.errors[0]}")
+    admitted = load.total_admitted
+    key_hash = system.cluster.hasher.hash(identifier)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    ledger = -1
+    while time.monotonic() < deadline:
+        ledger = int(system.sql("SELECT COALESCE(SUM(admitted), 0) FROM components "
+                                f"WHERE key_hash = '{key_hash}'")[0][0])
+        if ledger == admitted:
+            break
+        time.sleep(0.2)
+    central_after = metric_value(metrics(system.central_url), "regionlimit_over_admission_total",
+                                 namespace=NAMESPACE)
+    return {
+        "rate": rate, "limit": limit, "batch": batch, "answered": load.total_answered,
+        "achieved": load.achieved_rate, "admitted": admitted, "over": admitted - limit,
+        "over_pct": 100 * (admitted - limit) / limit,
+        "per_node_admitted": list(load.admitted), "central_over": central_after - central_before,
+        "ledger_admitted": ledger, "late_s": max(load.late_s),
+    }
+
+
+def plot(rows: list[dict[str, Any]], lag: dict[str, float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['rate']:,.0f}/s" for r in rows]
+    xs = range(len(rows))
+    means = [r["mean_pct"] for r in rows]
+    lows = [r["mean_pct"] - r["min_pct"] for r in rows]
+    highs = [r["max_pct"] - r["mean_pct"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.bar(xs, means, width=0.5, color="#4c78a8", label="measured (mean; bar = min..max)",
+           yerr=[lows, highs], capsize=6, ecolor="#222")
+    ax.plot(xs, [r["pred_p50_pct"] for r in rows], "o--", color="#f58518",
+            label=f"predicted, p50 lag ({lag['p50']:.0f} ms)")
+    ax.plot(xs, [r["pred_p99_pct"] for r in rows], "s:", color="#e45756",
+            label=f"bound, p99 lag ({lag['p99']:.0f} ms)")
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel("total check rate on one key, spread over 3 nodes")
+    ax.set_ylabel("over-admission, % of the limit")
+    ax.set_title("Fast mode over-admission (fixed window, limit = rate x 2 s)")
+    top = max(max(r["max_pct"] for r in rows), max(r["pred_p99_pct"] for r in rows))
+    ax.set_ylim(0, top * 1.5)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="100,1000,5000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lag-samples", type=int, default=60)
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    common_args(parser)
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    print(machine())
+    print(f"system: nats-server + central + nodes us, eu, ap on 127.0.0.1; flush 100 ms, tick "
+          f"100 ms; fixed window 1 h, limit = rate x {WINDOW_S:g} s, {RUN_S:g} s of traffic "
+          f"per run, {args.repeats} runs per rate")
+    started = time.monotonic()
+    runs: list[dict[str, Any]] = []
+    with BenchCluster(postgres=args.postgres, policy_toml=convergence.POLICY) as system:
+        print(f"  measuring the sync lag ({args.lag_samples} samples, A = us, B = eu) ...",
+              flush=True)
+        convergence.measure(system.node_urls[0], system.node_urls[1], 10, progress=False)
+        measured = convergence.measure(system.node_urls[0], system.node_urls[1],
+                                       args.lag_samples, progress=False)
+        lag = measured["delay_ms"]
+        print(f"  lag: p50 {lag['p50']:.0f} ms, mean {lag['mean']:.0f} ms, p99 {lag['p99']:.0f} "
+              f"ms, max {lag['max']:.0f} ms")
+        one_run(system, 100)  # warm up
+        for repeat in range(args.repeats):
+            for rate in rates:
+                run = one_run(system, rate)
+                run["repeat"] = repeat
+                runs.append(run)
+                print(f"  {rate:>6,.0f}/s run {repeat + 1}: achieved {run['achieved']:,.0f}/s, "
+                      f"limit {run['limit']:,}, admitted {run['admitted']:,} "
+                      f"(per node {run['per_node_admitted']}), over {run['over']:+,} "
+                      f"({run['over_pct']:+.2f}%), central says {run['central_over']:,.0f}, "
+                      f"ledger {run['ledger_admitted']:,}", flush=True)
+    rows = []
+    share = (NODES - 1) / NODES
+    for rate in rates:
+        mine = [r for r in runs if r["rate"] == rate]
+        pcts = [r["over_pct"] for r in mine]
+        overs = [r["over"] for r in mine]
+        rows.append({
+            "rate": rate, "limit": mine[0]["limit"], "batch": mine[0]["batch"],
+            "achieved": statistics.fmean(r["achieved"] for r in mine),
+            "mean_over": statistics.fmean(overs), "max_over": max(overs),
+            "mean_pct": statistics.fmean(pcts), "min_pct": min(pcts), "max_pct": max(pcts),
+            "pred_p50": rate * share * lag["p50"] / 1000,
+            "pred_p99": rate * share * lag["p99"] / 1000,
+            "pred_p50_pct": 100 * share * lag["p50"] / 1000 / WINDOW_S,
+            "pred_p99_pct": 100 * share * lag["p99"] / 1000 / WINDOW_S,
+            "ledger_ok": all(r["ledger_admitted"] == r["admitted"] for r in mine),
+            "central_ok": all(r["central_over"] == max(0, r["over"]) for r in mine),
+        })
+    print()
+    print("| total rate (achieved) | limit | checks per batch | over-admitted: mean / max "
+          "| % of limit: mean / max | predicted (p50 lag) | bound (p99 lag) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['rate']:,.0f}/s ({r['achieved']:,.0f}/s) | {r['limit']:,} | {r['batch']} | "
+              f"{r['mean_over']:,.1f} / {r['max_over']:,} | {r['mean_pct']:.2f}% / "
+              f"{r['max_pct']:.2f}% | {r['pred_p50']:,.1f} ({r['pred_p50_pct']:.2f}%) | "
+              f"{r['pred_p99']:,.1f} ({r['pred_p99_pct']:.2f}%) |")
+    print(f"\nledger components == admitted in every run: {all(r['ledger_ok'] for r in rows)}; "
+          f"central's regionlimit_over_admission == measured in every run: "
+          f"{all(r['central_ok'] for r in rows)}")
+    plot(rows, lag, args.plot)
+    OUT_DIR.mkdir(exist_ok=True)
+    (OUT_DIR / "over_admission.json").write_text(json.dumps(
+        {"lag_ms": lag, "runs": runs, "rows": rows}, indent=1))
+    print(f"plot: {args.plot}")
+    for r in rows:
+        within = "within" if r["max_over"] <= r["pred_p99"] else "ABOVE"
+        print(f"SUMMARY over-admission at {r['achieved']:,.0f} checks/s on one key over 3 "
+              f"nodes: mean {r['mean_pct']:.2f}%, max {r['max_pct']:.2f}% of the limit "
+              f"(predicted {r['pred_p50_pct']:.2f}% at p50 lag, bound {r['pred_p99_pct']:.2f}% "
+              f"at p99 lag; max {within} the bound)")
+    print(f"run took {time.monotonic() - started:.0f} s; {load_after()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Admin API: namespaces, per-identifier overrides, identifier hashing.
+
+Every change is stored first, then broadcast; a node that misses the broadcast gets the
+configuration with its next snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from central.auth import admin_guard
+from central.service import CentralService
+from region_node.errors import ApiError
+from region_node.schemas import DURATION_PATTERN, NAMESPACE_PATTERN, ErrorBody
+from sync.errors import InvalidField
+from sync.policy import build_policy
+
+HASH_PATTERN = r"^[0-9a-f]{32}$"
+NamespaceName = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
+IdentifierHash = Annotated[str, Path(pattern=HASH_PATTERN)]
+Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 422)}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class NamespaceBody(Strict):
+    limit: int = Field(ge=1)
+    duration: str = Field(pattern=DURATION_PATTERN)
+    algorithm: Algorithm | None = None
+    burst: int | None = Field(default=None, ge=1)
+    mode: Literal["fast", "consistent"] | None = None
+    on_unavailable: Literal["open", "closed"] | None = None
+    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+
+
+class OverrideBody(Strict):
+    identifier: str = Field(min_length=1, max_length=256,
+                            description="Raw identifier; hashed on arrival, never stored")
+    limit: int | None = Field(default=None, ge=1)
+    duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
+    algorithm: Algorithm | None = None
+    burst: int | None = Field(default=None, ge=1)
+    mode: Literal["fast", "consistent"] | None = None
+    on_unavailable: Literal["open", "closed"] | None = None
+    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+
+
+class IdentifierBody(Strict):
+    identifier: str = Field(min_length=1, max_length=256)
+
+
+class NamespaceOut(BaseModel):
+    namespace: str
+    limit: int
+    duration: str
+    algorithm: str
+    burst: int | None
+    mode: str
+    on_unavailable: str
+    timeout: str
+    version: int
+
+
+class PolicyOut(BaseModel):
+    limit: int
+    duration: str
+    algorithm: str
+    burst: int | None
+    mode: str
+    on_unavailable: str
+    timeout: str
+
+
+class OverrideOut(BaseModel):
+    namespace: str
+    identifier_hash: str
+    limit: int | None
+    duration: str | None
+    algorithm: str | None
+    burst: int | None
+    mode: str | None
+    on_unavailable: str | None
+    timeout: str | None
+    effective: PolicyOut
+    version: int
+
+
+class NamespaceList(BaseModel):
+    namespaces: list[NamespaceOut]
+
+
+class OverrideList(BaseModel):
+    overrides: list[OverrideOut]
+
+
+class HashOut(BaseModel):
+    identifier_hash: str
+
+
+def _identifier_bytes_ok(identifier: str) -> None:
+    if len(identifier.encode()) > 256:
+        raise ApiError(422, "invalid_field", "identifier must be 1..256 bytes", "identifier")
+
+
+def _not_found(what: str, field: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found", field)
+
+
+def admin_router(service: CentralService) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(admin_guard(service.admin_token))],
+                       responses=ERRORS)
+    config = service.config
+
+    @router.put("/v1/namespaces/{namespace}", response_model=NamespaceOut)
+    async def put_namespace(namespace: NamespaceName, body: NamespaceBody) -> Any:
+        try:
+            policy = build_policy(**body.model_dump())
+            stored = await config.put_namespace(namespace, policy)
+        except InvalidField as exc:
+            raise ApiError(422, exc.code, exc.message, exc.field) from None
+        await service.publish_config()
+        return stored
+
+    @router.get("/v1/namespaces", response_model=NamespaceList)
+    async def list_namespaces() -> Any:
+        return {"namespaces": await config.list_namespaces()}
+
+    @router.get("/v1/namespaces/{namespace}", response_model=NamespaceOut)
+    async def get_namespace(namespace: NamespaceName) -> Any:
+        found = await config.get_namespace(namespace)
+        if found is None:
+            raise _not_found(f"namespace {namespace!r}", "namespace")
+        return found
+
+    @router.delete("/v1/namespaces/{namespace}", status_code=204, response_class=Response)
+    async def delete_namespace(namespace: NamespaceName) -> Response:
+        if not await config.delete_namespace(namespace):
+            raise _not_found(f"namespace {namespace!r}", "namespace")
+        await service.publish_config()
+        return Response(status_code=204)
+
+    @router.put("/v1/namespaces/{namespace}/overrides", response_model=OverrideOut)
+    async def put_override(namespace: NamespaceName, body: OverrideBody) -> Any:
+        _identifier_bytes_ok(body.identifier)
+        fields = body.model_dump(exclude={"identifier"})
+        key_hash = service.hasher.hash(body.identifier)
+        try:
+            stored = await config.put_override(namespace, key_hash, fields)
+        except LookupError:
+            raise _not_found(f"namespace {namespace!r} (configure it at central first)",
+                             "namespace") from None
+        except InvalidField as exc:
+            raise ApiError(422, exc.code, exc.message, exc.field) from None
+        await service.publish_config()
+        return stored
+
+    @router.get("/v1/namespaces/{namespace}/overrides", response_model=OverrideList)
+    async def list_overrides(namespace: NamespaceName) -> Any:
+        found = await config.list_overrides(namespace)
+        if found is None:
+            raise _not_found(f"namespace {namespace!r}", "namespace")
+        return {"overrides": found}
+
+    @router.get("/v1/namespaces/{namespace}/overrides/{identifier_hash}",
+                response_model=OverrideOut)
+    async def get_override(namespace: NamespaceName, identifier_hash: IdentifierHash) -> Any:
+        found = await config.get_override(namespace, identifier_hash)
+        if found is None:
+            raise _not_found("override", "identifier_hash")
+        return found
+
+    @router.delete("/v1/namespaces/{namespace}/overrides/{identifier_hash}",
+                   status_code=204, response_class=Response)
+    async def delete_override(namespace: NamespaceName, identifier_hash: IdentifierHash
+                              ) -> Response:
+        if not await config.delete_override(namespace, identifier_hash):
+            raise _not_found("override", "identifier_hash")
+        await service.publish_config()
+        return Response(status_code=204)
+
+    @router.post("/v1/identifiers/hash", response_model=HashOut)
+    async def hash_identifier(body: IdentifierBody) -> Any:
+        _identifier_bytes_ok(body.identifier)
+        return {"identifier_hash": service.hasher.hash(body.identifier)}
+
+    return router
