@@ -5,7 +5,8 @@ throwaway Postgres database (`rl_bench_<hex>`, dropped on exit) on the server na
 `--postgres` / `$REGIONLIMIT_BENCH_POSTGRES` (default postgresql://postgres@127.0.0.1:5432/
 postgres), and runs `regionlimit central` and region nodes as real processes through
 `tests.support.cluster.Cluster`, with the product's default intervals (flush 100 ms, tick
-100 ms, commit 1 s) unless told otherwise.
+100 ms, commit 1 s) unless told otherwise. The processes' logs of the last run are left in
+bench/out/logs/.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class BenchCluster:
         self.cluster: Cluster | None = None
         self.central_url = ""
         self.node_urls: list[str] = []
+        self.started = 0.0  # monotonic time central was started
 
     def __enter__(self) -> BenchCluster:
         try:
@@ -142,21 +144,53 @@ class BenchCluster:
                 drivername="postgresql+asyncpg").render_as_string(hide_password=False)
             self.cluster = Cluster(nats=self.nats, database_url=asyncpg_url, tmp=self.tmp,
                                    policy_toml=self.policy_toml, env=self.env)
+            self.started = time.monotonic()
             self.central_url = self.cluster.central().url
             self.node_urls = [self.cluster.node(region).url for region in self.regions]
+            self._wait_in_sync()
         except BaseException:
+            self.dump_logs()
             self.close()
             raise
         return self
 
+    def _wait_in_sync(self, timeout: float = 60.0) -> None:
+        """Central leads and every node has loaded a snapshot (sync: ok)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = metric_value(metrics(self.central_url), "regionlimit_central_leader")
+            states = [httpx.get(url + "/readyz", timeout=5.0).json().get("sync")
+                      for url in self.node_urls]
+            if leader == 1.0 and all(state == "ok" for state in states):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"system not in sync within {timeout}s (leader {leader}, nodes "
+                           f"{states})")
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            self.dump_logs()
         self.close()
+
+    def dump_logs(self, lines: int = 30) -> None:
+        """The tail of every process log (on failure; the logs are deleted on close)."""
+        if self.cluster is None:
+            return
+        for proc in self.cluster.processes:
+            tail = proc.log().splitlines()[-lines:]
+            print(f"--- {' '.join(proc.args[2:5])} ({proc.url}) log tail ---")
+            print("\n".join(tail))
 
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
-            for proc in self.cluster.processes:
+            logs = OUT_DIR / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            names = ["central", *(f"node-{region}" for region in self.regions)]
+            for name, proc in zip(names, self.cluster.processes, strict=False):
+                # Kept for a look after the run (the last run's only), then removed.
+                shutil.copyfile(proc.log_path, logs / f"{name}.log")
                 proc.log_path.unlink(missing_ok=True)
             self.cluster = None
         if self.nats is not None:
@@ -232,6 +266,7 @@ class PacedBatches:
         self.requests = [0] * len(urls)
         self.errors: list[str] = []
         self.late_s = [0.0] * len(urls)  # how far behind schedule each thread ended
+        self.max_rtt_s = [0.0] * len(urls)  # slowest request of each thread
         self.elapsed_s = 0.0
 
     def run(self) -> PacedBatches:
@@ -259,11 +294,13 @@ class PacedBatches:
                 if delay > 0:
                     time.sleep(delay)
                 body, _ = bodies[n % len(bodies)]
+                sent = time.monotonic()
                 try:
                     response = client.post(url, content=body)
                 except httpx.HTTPError as exc:
                     self.errors.append(repr(exc))
                     continue
+                self.max_rtt_s[index] = max(self.max_rtt_s[index], time.monotonic() - sent)
                 self.requests[index] += 1
                 if response.status_code != 200:
                     self.errors.append(f"{response.status_code} {response.text[:200]}")

@@ -104,6 +104,9 @@ def measure(node_a: str, node_b: str, samples: int, *, max_pause_s: float = 0.2,
                 print(f"  {i + 1}/{samples} samples", flush=True)
     after = histogram_buckets(metrics(node_b), "regionlimit_sync_lag_seconds")
     lag = bucket_delta(after, before)
+    if not delays_ms:
+        raise RuntimeError(f"no admission at A became visible at B within {GIVE_UP_S} s "
+                           f"({timeouts} tries)")
     return {
         "samples": len(delays_ms),
         "timeouts": timeouts,

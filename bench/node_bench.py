@@ -417,6 +417,81 @@ def bench_http(tool: str, seconds: int, pin: bool, only: set[str]) -> dict[str, 
     return results
 
 
+# --- profile of the HTTP path --------------------------------------------------------
+
+
+def profile_http(tool: str, seconds: int) -> None:
+    """The node's app under uvicorn in this process, cProfile on the event loop thread,
+    while the load generator sends single checks, then batches."""
+    import threading
+
+    import uvicorn
+
+    from region_node.app import build_app
+    from region_node.server import uvicorn_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.toml"
+        config.write_text(CONFIG)
+        node = RegionNode(NodeSettings(region="bench", config=config), secret=TEST_SECRET)
+        port = free_port()
+        server = uvicorn.Server(uvicorn_config(build_app(node), host="127.0.0.1", port=port,
+                                               log_level="info"))
+        url = f"http://127.0.0.1:{port}"
+        body = batch_body()
+        stats: dict[str, cProfile.Profile] = {}
+
+        def drive() -> None:
+            while not server.started:
+                time.sleep(0.05)
+            for name, path, body_for, connections in (
+                    ("single", "/v1/check", None, SINGLE_CONNECTIONS),
+                    ("batch", "/v1/check/batch", lambda _: body, BATCH_CONNECTIONS)):
+                profiler = stats[name] = cProfile.Profile()
+                active.append(profiler)
+                load(tool, url, path, body_for, connections, seconds, False)
+                active.clear()
+            server.should_exit = True
+
+        active: list[cProfile.Profile] = []
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        for fd in saved:  # the access log goes to stdout, the rest of uvicorn's to stderr
+            os.dup2(devnull, fd)
+        threading.Thread(target=drive, daemon=True).start()
+
+        async def serve() -> None:
+            profiling: cProfile.Profile | None = None
+            task = asyncio.ensure_future(server.serve())
+            while not task.done():
+                current = active[0] if active else None
+                if current is not profiling:
+                    if profiling is not None:
+                        profiling.disable()
+                    if current is not None:
+                        current.enable()
+                    profiling = current
+                await asyncio.sleep(0.05)
+            if profiling is not None:
+                profiling.disable()
+
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            os.close(devnull)
+        for name, profiler in stats.items():
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
+            print(f"\n--- cProfile: node HTTP path, {name} checks, by own time ---")
+            print("\n".join(out.getvalue().splitlines()[6:26]))
+
+
 # --- 4. memory -----------------------------------------------------------------------
 
 
@@ -476,7 +551,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--only", default="inproc,http,batch,memory")
-    parser.add_argument("--profile", action="store_true", help="cProfile in-process paths")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the in-process paths and the node's HTTP path")
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even if wrk is installed")
@@ -541,6 +617,9 @@ def main() -> None:
                          f">= {TARGETS['batch_cps']:,}",
                          verdict(batch["checks_per_s"], TARGETS["batch_cps"],
                                  higher_is_better=True)))
+
+    if args.profile and only & {"http", "batch"}:
+        profile_http(tool, seconds)
 
     if "memory" in only:
         keys = 100_000 if args.quick else args.memory_keys

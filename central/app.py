@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from central.admin_api import admin_router
 from central.service import CentralService
+from central.usage_api import usage_router
 from region_node.errors import ApiError
 
 
@@ -33,6 +34,7 @@ def build_central_app(service: CentralService) -> FastAPI:
     app = FastAPI(title="regionlimit central", version="1", lifespan=lifespan)
 
     app.include_router(admin_router(service))
+    app.include_router(usage_router(service))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -42,6 +42,9 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+COMMAND_TIMEOUT_S = 30.0
+
+
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine for ``url``; extra keyword arguments go to ``create_async_engine``."""
     normalized = normalize_url(url)
@@ -49,6 +52,9 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         # A pooled connection may have died with a Postgres restart; ping before reuse so
         # the ingest loop gets a fresh connection instead of one failed commit.
         kwargs.setdefault("pool_pre_ping", True)
+        # A statement that hangs on a silent network must fail (and be retried) rather
+        # than hold the leader's commit, and its unacked messages, forever.
+        kwargs.setdefault("connect_args", {"command_timeout": COMMAND_TIMEOUT_S})
         return create_async_engine(normalized, **kwargs)
     engine = create_async_engine(normalized, **kwargs)
     _configure_sqlite(engine)

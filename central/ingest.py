@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
+from central.rollups import RollupJob
 from central.totals import GlobalTotals
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
@@ -46,7 +48,8 @@ class LeaderIngest:
     def __init__(self, *, nc: Client, ledger: LedgerStore, totals: GlobalTotals,
                  metrics: CentralMetrics, clock: Clock, commit_interval: float,
                  tick_interval: float,
-                 config: Callable[[], Awaitable[ConfigUpdate | None]]) -> None:
+                 config: Callable[[], Awaitable[ConfigUpdate | None]],
+                 rollup: RollupJob | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self._ledger = ledger
@@ -56,6 +59,7 @@ class LeaderIngest:
         self._commit_interval = commit_interval
         self._tick_interval = tick_interval
         self._config = config
+        self._rollup = rollup
         self._unacked: list[Msg] = []
         self._commit_lock = asyncio.Lock()
 
@@ -69,6 +73,8 @@ class LeaderIngest:
         snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
         loops = [self._consume(sub), self._commit_forever(), self._tick_forever(),
                  self._prune_forever()]
+        if self._rollup is not None:  # usage rollups and retention (central/rollups.py)
+            loops.append(self._rollup.run_forever(self._clock))
         try:
             async with asyncio.TaskGroup() as group:
                 for loop in loops:
@@ -81,12 +87,12 @@ class LeaderIngest:
 
     # --- consume -----------------------------------------------------------------------
 
-    async def _consume(self, sub: object) -> None:
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
             if len(self._unacked) >= MAX_UNACKED:
                 await self.commit()
             try:
-                messages = await sub.fetch(FETCH_BATCH, timeout=1.0)  # type: ignore[attr-defined]
+                messages = await sub.fetch(FETCH_BATCH, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:
@@ -113,7 +119,14 @@ class LeaderIngest:
             log.warning("dropped a malformed usage message on %s: %s", msg.subject, exc.reason)
             await msg.ack()
             return
-        outcome = self._totals.merge(batch, self._clock())
+        try:
+            outcome = self._totals.merge(batch, self._clock())
+        except Exception:  # a message that breaks the merge must not stop ingestion
+            self._metrics.malformed.inc()
+            log.exception("dropped a usage message that could not be merged (%s)",
+                          msg.subject)
+            await msg.ack()
+            return
         self._metrics.ingested.inc(len(batch.entries))
         for reason, count in outcome.rejected.items():
             self._metrics.rejected.labels(reason).inc(count)

@@ -108,7 +108,10 @@ class LeaderLease:
                         text("SELECT pg_try_advisory_lock(:key)"), {"key": self._key}
                     )
                     got = bool(result.scalar_one())
+                if got:
+                    raw = await connection.get_raw_connection()
             except BaseException:
+                # Closing the session for good also frees a lock taken just before.
                 await _discard(connection)
                 raise
             if not got:
@@ -116,7 +119,6 @@ class LeaderLease:
                 return False
             # A session-level advisory lock outlives the transaction that took it, so the
             # connection sits idle (not "idle in transaction") while it holds the lease.
-            raw = await connection.get_raw_connection()
             self._driver_connection = raw.driver_connection
             self._connection = connection
             self._granted = True
@@ -133,7 +135,7 @@ class LeaderLease:
             try:
                 if await self.acquire():
                     return
-            except (DBAPIError, OSError) as exc:
+            except (DBAPIError, OSError, TimeoutError) as exc:
                 log.warning("leader lease: database unavailable, retrying: %s", exc)
             await asyncio.sleep(poll_interval)
 

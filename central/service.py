@@ -18,6 +18,7 @@ from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
+from central.rollups import RollupJob
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
 from region_node.checker import Clock, wall_clock_ms
@@ -129,7 +130,8 @@ class CentralService:
         ingest = LeaderIngest(
             nc=self.link.nc, ledger=self.ledger, totals=totals, metrics=self.metrics,
             clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
-            tick_interval=self.settings.seconds("tick_interval"), config=self.current_config)
+            tick_interval=self.settings.seconds("tick_interval"), config=self.current_config,
+            rollup=RollupJob.from_settings(self.engine, self.settings))
         self.is_leader = True
         self.metrics.leader.set(1)
         log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,

@@ -67,15 +67,18 @@ class GlobalTotals:
         outcome = MergeOutcome()
         hour = hour_start(batch.flushed_at)
         for entry in batch.entries:
-            start, end = window_bounds(entry.policy.duration, entry.window_start)
-            if start != entry.window_start:
-                reason = "misaligned_window"
-            elif end + self.retention_ms <= now:
-                reason = "pruned_window"
-            elif start > now + FUTURE_TOLERANCE_MS:
+            # The future check comes first: window arithmetic on an absurd date would fail.
+            start, end = entry.window_start, 0
+            if start > now + FUTURE_TOLERANCE_MS:
                 reason = "future_window"
             else:
-                reason = ""
+                start, end = window_bounds(entry.policy.duration, entry.window_start)
+                if start != entry.window_start:
+                    reason = "misaligned_window"
+                elif end + self.retention_ms <= now:
+                    reason = "pruned_window"
+                else:
+                    reason = ""
             if reason:
                 outcome.rejected[reason] = outcome.rejected.get(reason, 0) + 1
                 continue
@@ -84,7 +87,9 @@ class GlobalTotals:
             if window is None:
                 window = self.windows[key] = KeyWindow(end, entry.policy, batch.flushed_at)
             elif batch.flushed_at >= window.policy_at:
+                # The newest policy decides limit and window end (blocks last until it).
                 window.policy, window.policy_at = entry.policy, batch.flushed_at
+                window.window_end = end
             component = window.components.get(batch.node_id)
             if component is None:
                 component = window.components[batch.node_id] = Component(batch.region)

@@ -19,7 +19,7 @@ from region_node.algorithms.base import (
     refill,
 )
 from sync.durations import Duration
-from sync.messages import KeyTotal, UsageEntry
+from sync.messages import KeyTotal, UsageBatch, UsageEntry
 from sync.policy import Policy
 from sync.windows import HOUR_MS, month_bounds, window_bounds
 
@@ -180,6 +180,8 @@ class CounterStore:
 
     def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int) -> int:
         """Apply central's totals; returns how many raised a remote count."""
+        if now >= self._hour_end:
+            self._seal_hour(now)  # rolling a window below must not move usage across hours
         raised = 0
         for total in totals:
             remote = total.total - total.components.get(node_id, 0)
@@ -190,7 +192,9 @@ class CounterStore:
             start, end = window_bounds(duration, total.window_start)
             if start != total.window_start:
                 continue  # central counted under another window length
-            horizon = end + (duration.ms if policy.algorithm == "sliding_window" else 0)
+            # A sliding window weighs the previous window; a token bucket still debits
+            # other nodes' usage of a window that has just ended.
+            horizon = end + (0 if policy.algorithm == "fixed_window" else duration.ms)
             if horizon <= now and total.blocked_until <= now:
                 continue
             if state is None:
@@ -218,13 +222,22 @@ class CounterStore:
                     state.level -= delta * duration.ms
         return raised
 
-    def seed_remote(self, entries: Iterable[UsageEntry], now: int) -> None:
-        """Counts of this node's former self (from a spill file) count as remote until
-        central reports them."""
-        for entry in entries:
-            total = KeyTotal(entry.namespace, entry.key_hash, entry.window_start,
-                             entry.admitted, {}, 0, entry.policy)
-            self.apply_totals([total], "", now)
+    def seed_remote(self, batches: Iterable[UsageBatch], now: int) -> None:
+        """Usage of this node's former selves (from a spill file) counts as remote until
+        central reports it: per key-window, the sum over node ids of each one's newest
+        (largest) cumulative count."""
+        counts: dict[tuple[str, str, int], dict[str, UsageEntry]] = {}
+        for batch in batches:
+            for entry in batch.entries:
+                per_node = counts.setdefault(
+                    (entry.namespace, entry.key_hash, entry.window_start), {})
+                held = per_node.get(batch.node_id)
+                if held is None or held.admitted < entry.admitted:
+                    per_node[batch.node_id] = entry
+        self.apply_totals([
+            KeyTotal(ns, key_hash, start, sum(e.admitted for e in per_node.values()), {}, 0,
+                     next(iter(per_node.values())).policy)
+            for (ns, key_hash, start), per_node in counts.items()], "", now)
 
     # --- memory ------------------------------------------------------------------------
 

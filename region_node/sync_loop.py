@@ -60,10 +60,9 @@ class NodeSync:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        now = self._clock()
-        for raw, batch in read_spill(self._spill_path):
-            self._spilled.append(raw)
-            self._store.seed_remote(batch.entries, now)
+        spilled = read_spill(self._spill_path)
+        self._spilled = [raw for raw, _ in spilled]
+        self._store.seed_remote([batch for _, batch in spilled], self._clock())
         if self._spilled:
             log.info("loaded %d spilled batches from %s", len(self._spilled), self._spill_path)
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
@@ -94,12 +93,14 @@ class NodeSync:
 
     def _spill_rest(self) -> None:
         batches = list(self._spilled)
+        spilled = 0
         for flushed_at, entries in self._store.take_usage(self._clock()):
             batches.append(encode_usage(UsageBatch(self.node_id, self.region, flushed_at,
                                                    entries)))
+            spilled += len(entries)
         write_spill(self._spill_path, batches)
         if batches:
-            self._metrics.counters["spilled_entries"] += len(batches)
+            self._metrics.counters["spilled_entries"] += spilled
             log.warning("NATS unavailable at stop: %d unpublished batches written to %s",
                         len(batches), self._spill_path)
 

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: a new temporary directory)")
     dev.set_defaults(run=cmd_dev)
 
+    _load_extra_commands()
     for register in EXTRA_COMMANDS:
         register(commands)
     return parser
@@ -119,7 +120,6 @@ EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -141,4 +141,9 @@ def _load_extra_commands() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m regionlimit.cli` this file runs as __main__, a second copy of the
+    # module: the CliError that central's commands import from regionlimit.cli would not
+    # be this copy's class, and would escape main() as a traceback. Run the real module.
+    from regionlimit.cli import main as _main
+
+    sys.exit(_main())

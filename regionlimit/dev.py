@@ -66,9 +66,9 @@ class DevSystem:
         return env
 
     def spawn(self, name: str, args: list[str]) -> None:
-        log = (self.state_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(args, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with (self.state_dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(args, env=self.env(), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append((name, proc))
 
     def start(self) -> None:

@@ -130,6 +130,18 @@ def _str(value: Any, what: str, *, max_len: int = 256) -> str:
     return value
 
 
+# datetime's last representable millisecond (9999-12-31): every time on the wire must be
+# one, so window arithmetic on calendar months can't overflow.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+
+def _time(value: Any, what: str) -> int:
+    moment = _count(value, what)
+    if moment > MAX_TIMESTAMP_MS:
+        raise MalformedMessage(f"bad {what}")
+    return moment
+
+
 def _count(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise MalformedMessage(f"bad {what}")
@@ -165,7 +177,7 @@ def decode_usage(data: bytes) -> UsageBatch:
     version, obj = _unpack(data, "usage", USAGE_VERSION)
     node_id = _str(obj.get("node"), "node id")
     region = _str(obj.get("region"), "region", max_len=64)
-    flushed_at = _count(obj.get("sent"), "flush time")
+    flushed_at = _time(obj.get("sent"), "flush time")
     rows = obj.get("entries")
     if not isinstance(rows, list):
         raise MalformedMessage("bad entries")
@@ -192,7 +204,7 @@ def decode_usage(data: bytes) -> UsageBatch:
         entries.append(UsageEntry(
             namespace=_str(row[0], "namespace", max_len=64),
             key_hash=_str(row[1], "key hash", max_len=128),
-            window_start=_count(row[2], "window start"),
+            window_start=_time(row[2], "window start"),
             admitted=_count(row[3], "admitted"),
             denied=_count(row[4], "denied"),
             policy=policy,
@@ -216,12 +228,12 @@ def _total_from_row(row: Any) -> KeyTotal:
     return KeyTotal(
         namespace=_str(row[0], "namespace", max_len=64),
         key_hash=_str(row[1], "key hash", max_len=128),
-        window_start=_count(row[2], "window start"),
+        window_start=_time(row[2], "window start"),
         total=_count(row[3], "total"),
         components={_str(k, "node id"): _count(v, "component") for k, v in components.items()},
-        blocked_until=_count(row[5], "blocked until"),
+        blocked_until=_time(row[5], "blocked until"),
         policy=_policy_from_fields(row[6]),
-        as_of=_count(row[7], "as of"),
+        as_of=_time(row[7], "as of"),
     )
 
 
@@ -235,7 +247,7 @@ def decode_totals(data: bytes) -> TotalsUpdate:
     rows = obj.get("totals")
     if not isinstance(rows, list):
         raise MalformedMessage("bad totals")
-    return TotalsUpdate(_count(obj.get("sent"), "sent"), [_total_from_row(r) for r in rows])
+    return TotalsUpdate(_time(obj.get("sent"), "sent"), [_total_from_row(r) for r in rows])
 
 
 def encode_snapshot_request(request: SnapshotRequest) -> bytes:
@@ -374,5 +386,5 @@ def decode_consistent_decision(data: bytes) -> ConsistentDecision | None:
         raise MalformedMessage("bad decision")
     retry = obj.get("retry")
     return ConsistentDecision(allowed, _count(obj.get("remaining"), "remaining"),
-                              _count(obj.get("reset_at"), "reset_at"),
+                              _time(obj.get("reset_at"), "reset_at"),
                               None if retry is None else _count(retry, "retry"))

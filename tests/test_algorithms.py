@@ -36,7 +36,7 @@ DURATIONS = ("1ms", "3ms", "7ms", "10ms", "250ms", "1s", "90s", "1m", "1h", "1d"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Event = tuple[int, int]  # (now_ms, cost)
-PROPERTY = settings(max_examples=150, deadline=None,
+PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -76,7 +76,7 @@ def _cost(draw: st.DrawFn, policy: Policy) -> int:
 
 
 @st.composite
-def histories(draw: st.DrawFn, policy: Policy, max_events: int = 40) -> list[Event]:
+def histories(draw: st.DrawFn, policy: Policy, max_events: int = 30) -> list[Event]:
     """Non-decreasing times (epoch ms), costs 0..capacity, many at or near boundaries."""
     if policy.duration.is_month:
         # Around the turn of the year and a leap February.
@@ -104,7 +104,14 @@ def month_scenarios(draw: st.DrawFn) -> tuple[Policy, list[Event]]:
     return policy, draw(histories(policy))
 
 
-any_scenario = st.one_of(scenarios(), month_scenarios())
+KINDS = [*ALGORITHM_NAMES, "month"]  # "month": fixed_window over calendar months
+PER_KIND = settings(max_examples=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def draw_scenario(data: st.DataObject, kind: str) -> tuple[Policy, list[Event]]:
+    strategy = month_scenarios() if kind == "month" else scenarios([kind])
+    return data.draw(strategy, label="scenario")
 
 
 def replay(policy: Policy, events: Sequence[Event]) -> tuple[CounterStore, list[Decision]]:
@@ -216,11 +223,12 @@ MODELS = {"fixed_window": FixedModel, "sliding_window": SlidingModel,
 # --- agreement with the reference models -----------------------------------------------
 
 
-@PROPERTY
-@given(any_scenario)
-def test_decisions_match_independent_reference_model(scenario: tuple[Policy, list[Event]]
+@pytest.mark.parametrize("kind", KINDS)
+@PER_KIND
+@given(data=st.data())
+def test_decisions_match_independent_reference_model(kind: str, data: st.DataObject
                                                       ) -> None:
-    policy, events = scenario
+    policy, events = draw_scenario(data, kind)
     model = MODELS[policy.algorithm](policy)
     _, decisions = replay(policy, events)
     for i, ((now, cost), decision) in enumerate(zip(events, decisions, strict=True)):
@@ -297,11 +305,12 @@ def test_token_bucket_never_admits_more_than_burst_plus_rate_times_interval(
             assert total * d <= burst * d + rate * interval, (admitted[i], admitted[j])
 
 
-@PROPERTY
-@given(any_scenario)
+@pytest.mark.parametrize("kind", KINDS)
+@PER_KIND
+@given(data=st.data())
 def test_remaining_is_never_negative_and_is_exactly_what_fits_now(
-        scenario: tuple[Policy, list[Event]]) -> None:
-    policy, events = scenario
+        kind: str, data: st.DataObject) -> None:
+    policy, events = draw_scenario(data, kind)
     _, decisions = replay(policy, events)
     assert all(decision.remaining >= 0 for decision in decisions)
     last_now = events[-1][0]
@@ -313,13 +322,13 @@ def test_remaining_is_never_negative_and_is_exactly_what_fits_now(
         assert not probe(policy, events, last_now, remaining + 1).allowed
 
 
-@PROPERTY
-@given(any_scenario, st.data())
-def test_retry_after_is_exact(scenario: tuple[Policy, list[Event]], data: st.DataObject
-                              ) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+@PER_KIND
+@given(data=st.data())
+def test_retry_after_is_exact(kind: str, data: st.DataObject) -> None:
     """For a denied check at ``now``: the same check at now + retry_after_ms is allowed and
     at now + retry_after_ms - 1 denied, absent other traffic."""
-    policy, events = scenario
+    policy, events = draw_scenario(data, kind)
     # Finish with a check large enough to be denied now and then.
     last_now = events[-1][0]
     final_cost = data.draw(st.integers(1, policy.capacity), label="final cost")
@@ -339,11 +348,12 @@ def test_retry_after_is_exact(scenario: tuple[Policy, list[Event]], data: st.Dat
         assert (decision.retry_after_ms is None) == decision.allowed
 
 
-@PROPERTY
-@given(any_scenario)
+@pytest.mark.parametrize("kind", KINDS)
+@PER_KIND
+@given(data=st.data())
 def test_cost_zero_consumes_nothing_and_answers_remaining_above_zero(
-        scenario: tuple[Policy, list[Event]]) -> None:
-    policy, events = scenario
+        kind: str, data: st.DataObject) -> None:
+    policy, events = draw_scenario(data, kind)
     _, decisions = replay(policy, events)
     for (_, cost), decision in zip(events, decisions, strict=True):
         if cost == 0:
@@ -354,14 +364,21 @@ def test_cost_zero_consumes_nothing_and_answers_remaining_above_zero(
         assert decision == decisions[i]
 
 
-@PROPERTY
-@given(any_scenario)
-def test_denied_check_consumes_nothing(scenario: tuple[Policy, list[Event]]) -> None:
-    policy, events = scenario
+@pytest.mark.parametrize("kind", KINDS)
+@PER_KIND
+@given(data=st.data())
+def test_denied_check_consumes_nothing(kind: str, data: st.DataObject) -> None:
+    """Without any of the denied checks, every check is decided the same: the allowed ones
+    replayed alone, and each denied one asked again after only the allowed ones before it."""
+    policy, events = draw_scenario(data, kind)
     _, decisions = replay(policy, events)
     kept = [i for i, decision in enumerate(decisions) if decision.allowed]
     _, replayed = replay(policy, [events[i] for i in kept])
     assert replayed == [decisions[i] for i in kept]
+    for k, decision in enumerate(decisions):
+        if not decision.allowed:
+            before = [events[i] for i in kept if i < k]
+            assert probe(policy, before, *events[k]) == decision, f"denied event {k}"
 
 
 @PROPERTY

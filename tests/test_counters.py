@@ -4,6 +4,7 @@ follows the active keys; it never drops an unpublished (dirty) key or a blocked 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -175,17 +176,87 @@ def test_eviction_never_changes_a_decision(events: list[tuple[int, int, int, Pol
         assert a == b
 
 
+# --- with other nodes' usage and central's blocks --------------------------------------
+
+
+@st.composite
+def mixed_traffic(draw: st.DrawFn) -> tuple[Policy, list[tuple[str, int, int]]]:
+    policy = draw(st.sampled_from([
+        build_policy(limit=draw(st.integers(1, 12)), duration="1s", algorithm=algorithm)
+        for algorithm in ("fixed_window", "sliding_window", "token_bucket")]))
+    events = draw(st.lists(st.tuples(
+        st.sampled_from(["check", "check", "check", "remote", "block"]),
+        st.integers(0, 700), st.integers(0, policy.capacity)), min_size=1, max_size=40))
+    return policy, events
+
+
+@settings(max_examples=150, deadline=None)
+@given(mixed_traffic())
+def test_remote_usage_and_blocks_keep_every_invariant(
+        traffic: tuple[Policy, list[tuple[str, int, int]]]) -> None:
+    """Local checks interleaved with other nodes' usage (central's totals) and block
+    decisions: remaining is never negative, local + remote never exceeds the limit at an
+    admission, a block denies until it ends, a denial always has a retry time."""
+    policy, events = traffic
+    store, k = CounterStore(), key(7)
+    d = policy.duration.ms
+    now, blocked_until = T0, 0
+    remote: dict[int, int] = {}  # window start -> other nodes' usage, as central reports it
+    local: dict[int, int] = {}  # window start -> admitted here
+    for kind, gap, amount in events:
+        now += gap
+        start = now - now % d
+        if kind == "remote":
+            remote[start] = remote.get(start, 0) + amount
+            store.apply_totals([KeyTotal(NS, k, start, remote[start], {"me": 999}, 0,
+                                         policy)], "other", now)
+            continue
+        if kind == "block":
+            blocked_until = max(blocked_until, now + amount * 100)
+            store.apply_totals([KeyTotal(NS, k, start, remote.get(start, 0), {},
+                                         now + amount * 100, policy)], "me", now)
+            continue
+        decision = store.check(NS, k, policy, amount, now)
+        assert decision.remaining >= 0
+        if now < blocked_until:
+            assert not decision.allowed
+            assert decision.retry_after_ms >= blocked_until - now
+        if not decision.allowed:
+            assert decision.retry_after_ms is not None and decision.retry_after_ms >= 1
+            continue
+        local[start] = local.get(start, 0) + amount
+        # Every node's usage this store was told about, in this window and the previous.
+        cur = local.get(start, 0) + remote.get(start, 0)
+        prev = local.get(start - d, 0) + remote.get(start - d, 0)
+        if policy.algorithm == "fixed_window":
+            assert cur <= policy.limit
+        elif policy.algorithm == "sliding_window":
+            assert cur * d + prev * (d - (now - start)) <= policy.limit * d
+        else:
+            state = store.get(NS, k)
+            assert state is not None and state.level >= 0
+
+
 # --- a standalone node (no NATS) must not keep every key it ever saw -------------------
 
 
-@pytest.mark.xfail(reason="BUG: a standalone node never publishes, so every key that "
-                   "ever had a check with cost > 0 stays in CounterStore._dirty (and its "
-                   "retired windows in _outbox) forever and is never evicted: memory "
-                   "grows with all keys ever seen (region_node/node.py RegionNode.start "
-                   "starts no flush; counters.py CounterStore.evict skips dirty keys)",
-                   strict=True)
+def test_a_store_that_never_publishes_evicts_without_a_publication() -> None:
+    store = CounterStore(publishes=False)
+    for i in range(100):
+        store.check(NS, key(i), FIXED, 1, T0)
+        store.check(NS, key(i), SLIDING, 1, T0 + MINUTE)  # retires the fixed window
+    assert store.unpublished == 0
+    assert evict_all(store, T0 + 3 * MINUTE) == 100
+    assert store.active_keys == 0 and store.unpublished == 0
+
+
 async def test_standalone_node_memory_follows_active_keys(monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
+    """Regression: a standalone node never publishes, so it used to keep every key that
+    ever had a cost > 0 check as dirty, forever."""
+    for name in list(os.environ):
+        if name.startswith("REGIONLIMIT_"):
+            monkeypatch.delenv(name)
     monkeypatch.setattr(node_module, "EVICTION_INTERVAL_S", 0.001)
     now = [T0]
     node = RegionNode(NodeSettings(region="t"), secret="s", clock=lambda: now[0])

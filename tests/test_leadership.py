@@ -60,6 +60,9 @@ async def holder_pid(admin: AsyncEngine, lease: LeaderLease) -> int | None:
             text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
                 " AND classid = :classid AND objid = :objid AND objsubid = 1"
+                # Other databases on a shared server may have leaders of their own.
+                " AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
             ),
             {"classid": lease.key >> 32, "objid": lease.key & 0xFFFFFFFF},
         )

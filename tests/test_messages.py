@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
+    MAX_TIMESTAMP_MS,
     STATE_VERSION,
     USAGE_VERSION,
     ConfigUpdate,
+    ConsistentDecision,
+    ConsistentRequest,
     KeyTotal,
     NamespacePolicies,
     SnapshotPage,
@@ -28,11 +31,15 @@ from sync.messages import (
     UsageBatch,
     UsageEntry,
     decode_config,
+    decode_consistent_decision,
+    decode_consistent_request,
     decode_snapshot_page,
     decode_snapshot_request,
     decode_totals,
     decode_usage,
     encode_config,
+    encode_consistent_decision,
+    encode_consistent_request,
     encode_snapshot_page,
     encode_snapshot_request,
     encode_totals,
@@ -43,7 +50,7 @@ from sync.policy import MAX_LIMIT, Policy, build_policy
 
 PROPERTY = settings(max_examples=120, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
-FUZZ = settings(max_examples=300, deadline=None,
+FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -58,6 +65,8 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "snapshot_req": decode_snapshot_request,
     "snapshot": decode_snapshot_page,
     "config": decode_config,
+    "decide": decode_consistent_request,
+    "decision": decode_consistent_decision,
 }
 ALLOWED = (MalformedMessage, UnsupportedVersion)
 
@@ -66,6 +75,7 @@ ALLOWED = (MalformedMessage, UnsupportedVersion)
 namespaces = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
 key_hashes = st.text("0123456789abcdef", min_size=32, max_size=32)
 counts = st.one_of(st.integers(0, 1000), st.integers(0, 2**64 - 1))
+times = st.one_of(st.integers(0, 1000), st.integers(0, MAX_TIMESTAMP_MS))
 ids = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
 BASE_DURATIONS = ("1ms", "250ms", "1s", "90s", "1m", "15m", "1h", "1d", "7d", "366d")
 durations = st.one_of(
@@ -96,20 +106,32 @@ def policies(draw: st.DrawFn, *, full: bool = False) -> Policy:
 
 
 usage_entries = st.builds(UsageEntry, namespace=namespaces, key_hash=key_hashes,
-                          window_start=counts, admitted=counts, denied=counts,
+                          window_start=times, admitted=counts, denied=counts,
                           policy=policies())
 usage_batches = st.builds(UsageBatch, node_id=ids, region=st.from_regex(r"[a-z0-9-]{1,64}",
                                                                         fullmatch=True),
-                          flushed_at=counts, entries=st.lists(usage_entries, max_size=8))
+                          flushed_at=times, entries=st.lists(usage_entries, max_size=8))
 key_totals = st.builds(KeyTotal, namespace=namespaces, key_hash=key_hashes,
-                       window_start=counts, total=counts,
+                       window_start=times, total=counts,
                        components=st.dictionaries(ids, counts, max_size=4),
-                       blocked_until=counts, policy=policies(), as_of=counts)
+                       blocked_until=times, policy=policies(), as_of=times)
 configs = st.builds(
     ConfigUpdate, version=counts,
     namespaces=st.dictionaries(namespaces, st.builds(
         NamespacePolicies, policy=policies(full=True),
         overrides=st.dictionaries(key_hashes, policies(full=True), max_size=3)), max_size=4))
+
+
+@st.composite
+def consistent_requests(draw: st.DrawFn) -> ConsistentRequest:
+    policy = draw(policies(full=True))
+    return ConsistentRequest(draw(namespaces), draw(key_hashes),
+                             draw(st.integers(0, policy.capacity)), policy, draw(ids),
+                             draw(st.from_regex(r"[a-z0-9-]{1,64}", fullmatch=True)))
+
+
+decisions = st.none() | st.builds(ConsistentDecision, allowed=st.booleans(), remaining=counts,
+                                  reset_at=times, retry_after_ms=st.none() | counts)
 snapshot_pages = st.builds(SnapshotPage, totals=st.lists(key_totals, max_size=5),
                            next_cursor=st.none() | counts, config=st.none() | configs)
 
@@ -165,6 +187,10 @@ def sample_messages() -> dict[str, bytes]:
         "snapshot_req": encode_snapshot_request(SnapshotRequest("node-1", 3)),
         "snapshot": encode_snapshot_page(SnapshotPage([sample_total()], 7, sample_config())),
         "config": encode_config(sample_config()),
+        "decide": encode_consistent_request(
+            ConsistentRequest("login", KEY, 1, FULL, "eu-host-1-boot", "eu")),
+        "decision": encode_consistent_decision(
+            ConsistentDecision(False, 0, 1_717_200_060_000, 59_500)),
     }
 
 
@@ -211,7 +237,7 @@ def test_usage_carries_only_the_limit_fields_of_a_policy() -> None:
 
 
 @PROPERTY
-@given(st.builds(TotalsUpdate, sent_at=counts, totals=st.lists(key_totals, max_size=6)))
+@given(st.builds(TotalsUpdate, sent_at=times, totals=st.lists(key_totals, max_size=6)))
 def test_totals_round_trip(update: TotalsUpdate) -> None:
     assert decode_totals(encode_totals(update)) == update
 
@@ -232,6 +258,18 @@ def test_snapshot_page_round_trip(page: SnapshotPage) -> None:
 @given(configs)
 def test_config_round_trip(config: ConfigUpdate) -> None:
     assert decode_config(encode_config(config)) == config
+
+
+@PROPERTY
+@given(consistent_requests())
+def test_consistent_request_round_trip(request: ConsistentRequest) -> None:
+    assert decode_consistent_request(encode_consistent_request(request)) == request
+
+
+@PROPERTY
+@given(decisions)
+def test_consistent_decision_round_trip(decision: ConsistentDecision | None) -> None:
+    assert decode_consistent_decision(encode_consistent_decision(decision)) == decision
 
 
 def test_fixed_round_trips() -> None:
@@ -262,7 +300,8 @@ def test_newer_usage_version_is_not_malformed() -> None:
     assert not issubclass(UnsupportedVersion, MalformedMessage)
 
 
-@pytest.mark.parametrize("name", ["totals", "snapshot_req", "snapshot", "config"])
+@pytest.mark.parametrize("name", ["totals", "snapshot_req", "snapshot", "config", "decide",
+                                  "decision"])
 def test_newer_state_version_is_unsupported(name: str) -> None:
     raw = unpack(sample_messages()[name])
     raw["v"] = STATE_VERSION + 1
@@ -392,6 +431,20 @@ FIELD_CASES: list[tuple[str, tuple[Any, ...], list[Any]]] = [
                                              "250ms"]]),
     ("config", ("namespaces", "login", 1), [None, 5, [], "x"]),
     ("config", ("namespaces", "login", 1, KEY), [None, 5, [10, "1m"]]),
+    ("decide", ("ns",), [*BAD_STR, "n" * 65]),
+    ("decide", ("key",), [*BAD_STR, "k" * 129]),
+    ("decide", ("cost",), [*BAD_COUNT, 4, 2**40]),  # FULL's capacity is 3
+    ("decide", ("policy",), [None, 5, "x", [3, "1h", "sliding_window", None]]),
+    ("decide", ("policy", 0), [0, "3", None, True]),
+    ("decide", ("policy", 4), ["slow", 1]),
+    ("decide", ("policy", 5), ["maybe", 0]),
+    ("decide", ("policy", 6), ["61s", "month", 250, "0ms"]),
+    ("decide", ("node",), [*BAD_STR, "n" * 257]),
+    ("decide", ("region",), [*BAD_STR, "r" * 65]),
+    ("decision", ("allowed",), [None, 0, 1, "true", [], {}]),
+    ("decision", ("remaining",), BAD_COUNT),
+    ("decision", ("reset_at",), BAD_COUNT),
+    ("decision", ("retry",), [c for c in BAD_COUNT if c is not None]),
 ]
 FIELD_PARAMS = [pytest.param(name, path, value, id=f"{name}-{'.'.join(map(str, path))}-{i}")
                 for name, path, values in FIELD_CASES for i, value in enumerate(values)]
@@ -430,7 +483,7 @@ def test_bad_namespace_key_in_config_or_components_is_malformed(name: str) -> No
 @pytest.mark.parametrize("name", sorted(sample_messages()))
 def test_missing_field_is_malformed(name: str) -> None:
     raw = unpack(sample_messages()[name])
-    optional = {"snapshot": {"next", "config"}}.get(name, set())
+    optional = {"snapshot": {"next", "config"}, "decision": {"retry"}}.get(name, set())
     for field in sorted(set(raw) - {"v", "t"} - optional):
         broken = dict(raw)
         del broken[field]
@@ -455,6 +508,14 @@ def test_policy_index_out_of_range_is_malformed() -> None:
     raw["entries"][0][5] = 0
     with pytest.raises(MalformedMessage):
         decode_usage(pack(raw))
+
+
+def test_decision_error_flag_means_no_decision() -> None:
+    assert decode_consistent_decision(encode_consistent_decision(None)) is None
+    raw = unpack(sample_messages()["decision"])
+    raw["error"] = False
+    assert decode_consistent_decision(pack(raw)) == ConsistentDecision(
+        False, 0, 1_717_200_060_000, 59_500)
 
 
 def test_empty_batch_with_no_policies_decodes() -> None:
@@ -482,11 +543,13 @@ def test_arbitrary_msgpack_never_raises_other_errors(value: Any) -> None:
 
 
 @FUZZ
-@given(kind=st.sampled_from(["usage", "totals", "snapshot_req", "snapshot", "config", "x"]),
+@given(kind=st.sampled_from([*DECODERS, "x"]),
        version=st.sampled_from([1, 2]),
        body=st.dictionaries(st.sampled_from(["node", "region", "sent", "policies", "entries",
                                               "totals", "cursor", "next", "config", "version",
-                                              "namespaces"]), msgpack_values))
+                                              "namespaces", "ns", "key", "cost", "policy",
+                                              "allowed", "remaining", "reset_at", "retry",
+                                              "error"]), msgpack_values))
 def test_well_framed_random_bodies_never_raise_other_errors(
         kind: str, version: int, body: dict[str, Any]) -> None:
     data = pack({"v": version, "t": kind, **body})
@@ -523,3 +586,14 @@ def test_truncated_messages_are_malformed(batch: UsageBatch, cut: int) -> None:
         return
     with pytest.raises(MalformedMessage):
         decode_usage(data[:cut])
+
+
+@pytest.mark.parametrize("field", ["window start", "flush time"])
+def test_times_past_year_9999_are_malformed(field: str) -> None:
+    policy = build_policy(limit=1, duration="1m", algorithm="fixed_window")
+    late = MAX_TIMESTAMP_MS + 1
+    batch = UsageBatch("n", "r", late if field == "flush time" else 0,
+                       [UsageEntry("ns", "k" * 32, late if field == "window start" else 0, 1,
+                                   0, policy)])
+    with pytest.raises(MalformedMessage, match=field):
+        decode_usage(encode_usage(batch))

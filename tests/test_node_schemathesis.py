@@ -25,7 +25,7 @@ from region_node.identifiers import IdentifierHasher
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
 
-MAX_EXAMPLES = 60
+MAX_EXAMPLES = 50
 SECRET = "s"
 T0 = 1_800_000_000_000
 

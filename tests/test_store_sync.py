@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from region_node.counters import CounterStore, UsageGroups
-from sync.messages import KeyTotal, UsageEntry
+from sync.messages import KeyTotal, UsageBatch, UsageEntry
 from sync.policy import Policy, build_policy
 from sync.windows import HOUR_MS, window_bounds
 
@@ -311,12 +311,6 @@ def test_take_after_the_boundary_alone_seals() -> None:
         (H_END - 1, {usage(K1, start_of(DAILY), 4, 0, DAILY)})]
 
 
-@pytest.mark.xfail(reason="BUG: region_node/counters.py apply_totals() calls _advance() "
-                          "(line 196) without sealing the hour first (check() and "
-                          "take_usage() call _seal_hour when now >= _hour_end); the retired "
-                          "pre-boundary window goes to the outbox stamped with the "
-                          "post-boundary 'now', so its usage is billed to the next hour",
-                   strict=True)
 def test_hour_sealing_holds_when_totals_roll_the_window() -> None:
     s = CounterStore()
     s.check(NS, K1, MINUTE, 2, H_END - 90_000)
@@ -450,13 +444,6 @@ def test_token_bucket_debits_only_the_rise_of_remote() -> None:
     assert state.level == 1_000
 
 
-@pytest.mark.xfail(reason="BUG: region_node/counters.py apply_totals() line 188-190 skips "
-                          "every total whose window has ended (horizon = window end for a "
-                          "token bucket), so consumption other nodes reported for the "
-                          "accounting window that just ended (arriving one sync lag after "
-                          "the window end) is never debited; the store's remote_prev branch "
-                          "for token buckets is unreachable",
-                   strict=True)
 def test_token_bucket_debits_a_late_total_for_the_window_that_just_ended() -> None:
     s = CounterStore()
     start = start_of(BUCKET)
@@ -509,7 +496,7 @@ def test_total_for_the_next_window_rolls_the_state_forward() -> None:
 def test_seed_remote_counts_spilled_usage_as_remote() -> None:
     s = CounterStore()
     former = usage(K1, start_of(FIXED), 4, 1, FIXED)
-    s.seed_remote([former], T0)
+    s.seed_remote([UsageBatch("eu-host-1-boot0", "eu", T0, [former])], T0)
     assert s.unpublished == 0  # the spill is republished as is, not as this node's usage
     assert admit(s, FIXED, T0 + 1) == 6
     # Central then reports the former self as another component: no double count.
@@ -518,10 +505,21 @@ def test_seed_remote_counts_spilled_usage_as_remote() -> None:
     assert state is not None and state.remote_cur == 4
 
 
+def test_seed_remote_sums_former_selves_and_takes_each_ones_newest_count() -> None:
+    s = CounterStore()
+    start = start_of(FIXED)
+    s.seed_remote([UsageBatch("eu-a", "eu", T0, [usage(K1, start, 2, 0, FIXED)]),
+                   UsageBatch("eu-a", "eu", T0, [usage(K1, start, 3, 0, FIXED)]),
+                   UsageBatch("eu-b", "eu", T0, [usage(K1, start, 4, 0, FIXED)])], T0)
+    state = s.get(NS, K1)
+    assert state is not None and state.remote_cur == 3 + 4
+
+
 def test_seed_remote_ignores_expired_and_empty_entries() -> None:
     s = CounterStore()
-    s.seed_remote([usage(K1, start_of(FIXED) - HOUR_MS, 4, 0, FIXED),
-                   usage(K2, start_of(FIXED), 0, 3, FIXED)], T0)
+    s.seed_remote([UsageBatch("eu-host-1-boot0", "eu", T0, [
+        usage(K1, start_of(FIXED) - HOUR_MS, 4, 0, FIXED),
+        usage(K2, start_of(FIXED), 0, 3, FIXED)])], T0)
     assert s.get(NS, K1) is None and s.get(NS, K2) is None
 
 
@@ -584,3 +582,21 @@ def test_evicted_key_keeps_its_unpublished_retired_windows() -> None:
     entries = {(e.window_start, e.admitted) for _, es in s.take_usage(T0 + HOUR_MS)
                for e in es}
     assert entries == {(start_of(MINUTE), 2), (start_of(MINUTE) + 60_000, 1)}
+
+
+def test_a_duration_change_at_the_same_window_start_carries_the_count_over() -> None:
+    minute = build_policy(limit=100, duration="1m", algorithm="fixed_window")
+    hourly = build_policy(limit=100, duration="1h", algorithm="fixed_window")
+    start = start_of(hourly)  # an hour start is also a minute start
+    s = CounterStore()
+    for i in range(5):
+        s.check(NS, K1, minute, 1, start + 1_000 + i)
+    for i in range(3):
+        s.check(NS, K1, hourly, 1, start + 2_000 + i)
+    published = {}
+    for _, entries in s.take_usage(start + 3_000):
+        for e in entries:
+            published[(e.window_start, e.policy.duration.text)] = e.admitted
+    # The node's count for window start `start` never goes down: 5, then 5 + 3.
+    assert published == {(start, "1m"): 5, (start, "1h"): 8} or published == {
+        (start, "1h"): 8}

@@ -108,11 +108,18 @@ def advance(state: KeyState, policy: Policy, now: int, bounds: Bounds,
     caller can keep what was never published."""
     old = state.policy
     if old.duration != policy.duration or old.algorithm != policy.algorithm:
-        # Different windows or algorithm: old counts don't carry over.
+        # Different windows or algorithm: counts start over, except that a new window
+        # starting where the old one did holds all of the old one's usage so far (both
+        # began at the same instant). Keeping it also keeps this node's published count
+        # for that window start from going down, which the max-merge would drop.
         if retire is not None:
             retire(state, True)
         start, end = bounds(policy.duration, now)
+        same_start = start == state.cur_start and old.algorithm == policy.algorithm
+        cur, cur_denied = state.cur, state.cur_denied
         KeyState.__init__(state, policy, start, end, now)
+        if same_start:
+            state.cur, state.cur_denied = cur, cur_denied
         return
     if old.algorithm == "token_bucket":
         refill(state, old, now)

@@ -35,8 +35,9 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, ready_path: str = "/healthz", timeout: float = 30.0) -> ManagedProcess:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         self.wait_http(ready_path, timeout=timeout)
         return self
 

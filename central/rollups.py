@@ -1,0 +1,256 @@
+"""Rolling usage up (hour -> day -> month) and pruning the fine levels (DESIGN: the ledger).
+
+Accounting. Hourly and daily rows carry ``rolled_admitted``/``rolled_denied``: the part
+of their count already added to the next coarser level. The rest is "pending". At every
+moment each unit of usage is counted exactly once: as the pending part of an hourly row,
+the pending part of a daily row, or in a monthly row. Queries sum exactly that
+(``central/usage_store.py``). A fold moves pending amounts one level up - add them to the
+coarser row, mark them rolled (or delete the finer row) - in ONE transaction, so a query
+sees the amount on one side or the other, never on both or neither.
+
+Why totals never change:
+- a fold is a transfer within a transaction (above);
+- a prune deletes only rows with nothing pending: their whole count lives on in the
+  coarser level; and it advances the retention mark (``usage_retention``) in the same
+  transaction, so a query never asks a level for detail it no longer has;
+- late usage - a node that was offline, a spill file - is added by ingest to an hourly
+  row as always, even for an hour that was rolled up or pruned long ago. It is simply
+  pending there: counted by every query at once, and folded by the next run (deleted
+  after the fold when its hour is older than the hourly retention).
+Concurrent writers (ingest, a deposed leader's last run) are handled by REPEATABLE READ
+on Postgres: a row changed after the fold read it makes the fold fail and start over,
+so an increment can never be marked rolled without having been added. SQLite runs one
+writer at a time.
+
+Only complete periods are folded, a lag after their end, so a day is normally folded
+once; a later increment for it costs one more small fold, not a recount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import BigInteger, Table, and_, delete, func, literal_column, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
+from central.settings import CentralSettings
+from central.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
+from central.usage_store import Retention, pending, read_retention
+from region_node.settings import setting_ms
+
+log = logging.getLogger("regionlimit.central.rollups")
+
+# A day (month) is folded this long after it ended: usage flushed just before midnight is
+# usually ingested by then. Later arrivals are still correct, only folded again.
+ROLLUP_LAG_MS = HOUR_MS
+MAX_ATTEMPTS = 8
+# Postgres: serialization failure, deadlock. SQLite: "database is locked" has no code.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+T = TypeVar("T")
+Clock = Callable[[], int]
+
+
+@dataclass(slots=True)
+class RollupReport:
+    days_folded: int = 0
+    months_folded: int = 0
+    hourly_pruned: int = 0
+    daily_pruned: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return any((self.days_folded, self.months_folded, self.hourly_pruned,
+                    self.daily_pruned))
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """A fold from ``source`` (rows starting at ``source_start``) into ``target``."""
+
+    source: Table
+    source_start: str
+    target: Table
+    target_start: str
+
+
+HOURS_TO_DAYS = _Level(usage_hourly, "hour_start", usage_daily, "day_start")
+DAYS_TO_MONTHS = _Level(usage_daily, "day_start", usage_monthly, "month_start")
+
+
+class RollupJob:
+    def __init__(self, engine: AsyncEngine, *, hourly_retention_ms: int,
+                 daily_retention_ms: int, interval_s: float = 600.0,
+                 lag_ms: int = ROLLUP_LAG_MS) -> None:
+        if engine.dialect.name not in ("postgresql", "sqlite"):
+            raise ValueError(f"unsupported database dialect {engine.dialect.name!r}")
+        self._engine = engine
+        self.hourly_retention_ms = hourly_retention_ms
+        self.daily_retention_ms = daily_retention_ms
+        self.interval_s = interval_s
+        self.lag_ms = lag_ms
+
+    @classmethod
+    def from_settings(cls, engine: AsyncEngine, settings: CentralSettings) -> RollupJob:
+        return cls(engine,
+                   hourly_retention_ms=setting_ms(settings.hourly_retention),
+                   daily_retention_ms=setting_ms(settings.daily_retention),
+                   interval_s=settings.seconds("rollup_interval"))
+
+    async def run_forever(self, clock: Clock) -> None:
+        """The leader's loop: a failed run is logged and retried at the next interval.
+        The first run waits an interval too: a new leader lets ingest catch up first."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                report = await self.run_once(clock())
+            except Exception as exc:
+                log.warning("usage rollup failed (%s: %s); retrying in %.0fs",
+                            type(exc).__name__, str(exc)[:200], self.interval_s)
+            else:
+                if report.changed:
+                    log.info("usage rollup: %d days and %d months folded, %d hourly and %d "
+                             "daily rows pruned", report.days_folded, report.months_folded,
+                             report.hourly_pruned, report.daily_pruned)
+
+    async def run_once(self, now_ms: int) -> RollupReport:
+        """Fold complete days and months, then prune past the retentions. Idempotent: a
+        second run at the same ``now_ms`` finds nothing to do."""
+        report = RollupReport()
+        report.days_folded = await self._fold_all(
+            HOURS_TO_DAYS, floor_day(now_ms - self.lag_ms), next_period=_next_day)
+        report.months_folded = await self._fold_all(
+            DAYS_TO_MONTHS, floor_month(now_ms - self.lag_ms), next_period=next_month)
+        report.hourly_pruned = await self._transaction(lambda c: self._prune(
+            c, usage_hourly, "hour_start", "hourly_from",
+            floor_day(now_ms - self.hourly_retention_ms)))
+        report.daily_pruned = await self._transaction(lambda c: self._prune(
+            c, usage_daily, "day_start", "daily_from",
+            floor_month(now_ms - self.daily_retention_ms)))
+        await self._transaction(lambda c: c.execute(
+            update(usage_retention).where(usage_retention.c.id == 1)
+            .values(rollup_at=now_ms)))
+        return report
+
+    # --- folding ---------------------------------------------------------------------
+
+    async def _fold_all(self, level: _Level, before: int,
+                        next_period: Callable[[int], int]) -> int:
+        """Fold every period with pending rows that ends by ``before``, oldest first, one
+        transaction per period (bounded size; progress survives a failure)."""
+        folded, cursor = 0, 0
+        while True:
+            oldest = await self._oldest_pending(level, cursor, before)
+            if oldest is None:
+                return folded
+            start = floor_day(oldest) if level is HOURS_TO_DAYS else floor_month(oldest)
+            end = next_period(start)
+            # Awaited at once, so the lambda's late binding of start/end is harmless.
+            await self._transaction(lambda c: self._fold(c, level, start, end))  # noqa: B023
+            folded += 1
+            cursor = end  # later increments for earlier periods wait for the next run
+
+    async def _oldest_pending(self, level: _Level, cursor: int, before: int) -> int | None:
+        c = level.source.c
+        start = c[level.source_start]
+        async with self._engine.connect() as connection:
+            # The partial index on pending rows answers this from its first entry.
+            oldest = (await connection.execute(
+                select(func.min(start)).where(pending(level.source), start >= cursor,
+                                              start < before))).scalar()
+        return None if oldest is None else int(oldest)
+
+    async def _fold(self, connection: AsyncConnection, level: _Level, start: int, end: int
+                    ) -> None:
+        """Add the pending part of ``level.source`` rows in ``[start, end)`` (one target
+        period) to the target rows, then mark it rolled - or delete the source rows when
+        their detail is past retention (a late arrival for a pruned period)."""
+        source, target = level.source, level.target
+        s = source.c
+        in_period = and_(s[level.source_start] >= start, s[level.source_start] < end,
+                         pending(source))
+        # Lock the rows in primary-key order first: ingest upserts in that order too, so
+        # the two never deadlock (and under REPEATABLE READ a row ingest changed since
+        # this transaction's snapshot fails the lock, and the fold starts over).
+        locked = (select(s[level.source_start]).where(in_period)
+                  .order_by(s.namespace, s.key_hash, s.region, s[level.source_start])
+                  .with_for_update().subquery())
+        await connection.execute(select(func.count()).select_from(locked))  # no rows back
+        sums = (select(s.namespace, s.key_hash, s.region,
+                       literal_column(str(int(start)), BigInteger),
+                       func.sum(s.admitted - s.rolled_admitted),
+                       func.sum(s.denied - s.rolled_denied))
+                .where(in_period)
+                .group_by(s.namespace, s.key_hash, s.region))
+        insert = _insert(connection)(target).from_select(
+            ["namespace", "key_hash", "region", level.target_start, "admitted", "denied"],
+            sums)
+        t, new = target.c, insert.excluded
+        await connection.execute(insert.on_conflict_do_update(
+            index_elements=["namespace", "key_hash", "region", level.target_start],
+            set_={"admitted": t.admitted + new.admitted, "denied": t.denied + new.denied}))
+        retention = await read_retention(connection)
+        if start < _detail_from(level, retention):
+            await connection.execute(delete(source).where(in_period))
+        else:
+            await connection.execute(update(source).where(in_period).values(
+                rolled_admitted=s.admitted, rolled_denied=s.denied))
+
+    # --- pruning ---------------------------------------------------------------------
+
+    async def _prune(self, connection: AsyncConnection, table: Table, start: str, mark: str,
+                     cutoff: int) -> int:
+        """Delete the rows before ``cutoff`` whose whole count was rolled up, and move the
+        retention mark to ``cutoff`` in the same transaction. Pending rows before it (an
+        increment that arrived after the fold) stay, counted, until the next fold."""
+        retention = await read_retention(connection)
+        if cutoff <= getattr(retention, mark):
+            return 0  # the mark only advances: once a day (month), not every run
+        c = table.c
+        result = await connection.execute(delete(table).where(
+            c[start] < cutoff, c.admitted == c.rolled_admitted, c.denied == c.rolled_denied))
+        await connection.execute(update(usage_retention).where(usage_retention.c.id == 1)
+                                 .values({mark: cutoff}))
+        return int(result.rowcount)
+
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                async with self._engine.connect() as connection:
+                    if connection.dialect.name == "postgresql":
+                        connection = await connection.execution_options(
+                            isolation_level="REPEATABLE READ")
+                    async with connection.begin():
+                        return await work(connection)
+            except DBAPIError as exc:
+                if attempt + 1 == MAX_ATTEMPTS or not _retryable(exc):
+                    raise
+                log.debug("rollup transaction conflicted (%s); retrying", exc.orig)
+            await asyncio.sleep(min(2.0, 0.02 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+
+def _next_day(day: int) -> int:
+    return day + DAY_MS
+
+
+def _detail_from(level: _Level, retention: Retention) -> int:
+    return retention.hourly_from if level is HOURS_TO_DAYS else retention.daily_from
+
+
+def _insert(connection: AsyncConnection) -> Any:
+    return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if code in RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(exc.orig)
