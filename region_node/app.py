@@ -8,12 +8,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from region_node.errors import ApiError
 from region_node.http import check_route, read_body
+from region_node.http_errors import error_response, install_error_handlers
 from region_node.node import RegionNode
 from region_node.schemas import (
     BatchRequest,
@@ -28,10 +27,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> Response:
-    return Response(ApiError(status, code, message, field).to_json(), status_code=status,
-                    media_type="application/json")
-
 
 def build_fastapi(node: RegionNode) -> FastAPI:
     @asynccontextmanager
@@ -44,6 +39,7 @@ def build_fastapi(node: RegionNode) -> FastAPI:
 
     app = FastAPI(title="regionlimit region node", version="1", lifespan=lifespan)
     endpoints = node.endpoints
+    install_error_handlers(app)
 
     async def reply(request: Request, handler: Any) -> Response:
         if not endpoints.authorized(request.headers.get("authorization", "").encode() or None):
@@ -84,17 +80,6 @@ def build_fastapi(node: RegionNode) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(node.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(422, "invalid_field", str(first.get("msg", "invalid")), field)
 
     schema_models = (CheckRequest, BatchRequest)
 

@@ -53,7 +53,10 @@ class PolicyResolver:
 
     def _inline(self, namespace: str, inline: InlineFields) -> Policy:
         cache_key = (namespace, inline)
-        policy = self._inline_policies.get(cache_key)
+        try:
+            policy = self._inline_policies.get(cache_key)
+        except TypeError:  # a list or object where a scalar belongs; build_policy names it
+            cache_key, policy = None, None
         if policy is not None:
             return policy
         if not self._inline_enabled:
@@ -66,8 +69,9 @@ class PolicyResolver:
         limit, duration, algorithm, burst, mode, on_unavailable, timeout = inline
         policy = build_policy(limit=limit, duration=duration, algorithm=algorithm, burst=burst,
                               mode=mode, on_unavailable=on_unavailable, timeout=timeout)
-        if len(self._inline_policies) >= _INLINE_CACHE_MAX:
-            self._inline_policies.clear()
-        self._inline_policies[cache_key] = policy
+        if cache_key is not None:
+            if len(self._inline_policies) >= _INLINE_CACHE_MAX:
+                self._inline_policies.clear()
+            self._inline_policies[cache_key] = policy
         self._inline_names.add(namespace)
         return policy

@@ -40,8 +40,7 @@ class Capture:
         await nc.subscribe("regionlimit.>", cb=keep)
         await nc.subscribe("_INBOX.>", cb=keep)
         self.ready.set()
-        while not self.stop.is_set():
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.stop.wait)
         await nc.close()
 
 

@@ -385,10 +385,6 @@ async def test_other_methods_and_paths_answer_with_the_error_shape(
     assert_error(await client.post("/v1/nothing", json={}), 404, "not_found")
 
 
-@pytest.mark.xfail(reason="BUG: an inline field of an unhashable JSON type (list/object) "
-                   "raises TypeError -> 500: region_node/policies.py PolicyResolver._inline "
-                   "uses the raw inline tuple as a dict key (self._inline_policies.get("
-                   "cache_key)) before build_policy validates it", strict=True)
 @pytest.mark.parametrize("fields", [
     {"limit": [5], "duration": "1m"},
     {"limit": 5, "duration": {"text": "1m"}},

