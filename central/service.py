@@ -47,8 +47,8 @@ class CentralService:
         self.config = ConfigStore(self.engine, clock=clock)
         self.totals: GlobalTotals | None = None
         self.metrics = CentralMetrics(self.replica_id)
-        self.metrics.track_over_admission(
-            lambda: dict(self.totals.over_admission) if self.totals else {})
+        self.over_admission: dict[str, int] = {}
+        self.metrics.track_over_admission(lambda: dict(self.over_admission))
         self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
                                          tls_ca=settings.nats_tls_ca, name=self.replica_id))
@@ -122,7 +122,8 @@ class CentralService:
         """One leadership term: rebuild state from the ledger, ingest until the lease is
         lost. JetStream redelivers whatever the previous leader had not committed."""
         now = self.clock()
-        totals = GlobalTotals(retention_ms=self.settings.retention_ms)
+        totals = GlobalTotals(retention_ms=self.settings.retention_ms,
+                              over_admission=self.over_admission)
         totals.load(await self.ledger.load_components(
             window_end_after=now - totals.retention_ms))
         self.totals = totals

@@ -52,13 +52,16 @@ class MergeOutcome:
 
 
 class GlobalTotals:
-    def __init__(self, *, retention_ms: int) -> None:
+    def __init__(self, *, retention_ms: int,
+                 over_admission: dict[str, int] | None = None) -> None:
         self.retention_ms = retention_ms
         self.windows: dict[WindowKey, KeyWindow] = {}
         self._changed: set[WindowKey] = set()  # to broadcast at the next tick
         self._unsaved: set[tuple[WindowKey, str]] = set()  # components to commit
         self._increments: dict[tuple[str, str, str, int], list[int]] = {}
-        self.over_admission: dict[str, int] = {}
+        # Shared across leadership terms by the caller: it backs a Prometheus counter,
+        # which must not drop when a new term rebuilds the totals.
+        self.over_admission: dict[str, int] = {} if over_admission is None else over_admission
         self._labels: set[str] = set()
 
     # --- merging -----------------------------------------------------------------------

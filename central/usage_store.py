@@ -44,6 +44,7 @@ from central.usage_query import (
 )
 
 STREAM_CHUNK = 2000
+NAMESPACE_WORK_MEM = "64MB"
 
 
 def pending(table: Table) -> ColumnElement[bool]:
@@ -79,19 +80,34 @@ class UsageSnapshot:
         return usage_statement(query, segments, self.connection.dialect.name)
 
     async def rows(self, query: UsageQuery) -> list[UsageRow]:
-        result = await self.connection.execute(self.statement(query))
+        statement = self.statement(query)
+        await self._tune(query)
+        result = await self.connection.execute(statement)
         return [_row(query, record) for record in result]
 
     async def stream(self, query: UsageQuery, statement: Select[Any] | None = None
                      ) -> AsyncIterator[list[UsageRow]]:
         """Rows in chunks from a server-side cursor: memory stays flat for any export."""
-        result = await self.connection.stream(
-            statement if statement is not None else self.statement(query))
+        statement = statement if statement is not None else self.statement(query)
+        await self._tune(query)
+        result = await self.connection.stream(statement)
         try:
             async for records in result.partitions(STREAM_CHUNK):
                 yield [_row(query, record) for record in records]
         finally:
             await result.close()
+
+
+    async def _tune(self, query: UsageQuery) -> None:
+        """Postgres settings for this transaction only. JIT compiles these plain
+        aggregations in ~300 ms, longer than they run; a namespace-wide query groups up to
+        millions of keys, which the default 4 MB of work_mem would spill to disk."""
+        if self.connection.dialect.name != "postgresql":
+            return
+        await self.connection.exec_driver_sql("SET LOCAL jit = off")
+        if query.key_hash is None:
+            await self.connection.exec_driver_sql(
+                f"SET LOCAL work_mem = '{NAMESPACE_WORK_MEM}'")
 
 
 class UsageStore:
@@ -167,31 +183,31 @@ def _level_sums(query: UsageQuery, table: Table, start: str, a: int, b: int, *, 
     keys: list[Any] = [c.key_hash]
     if query.by_region:
         keys.append(c.region)
+    constant: list[Any] = []  # a constant in GROUP BY would mean "column number N"
     if query.period == "day":
         keys.append((c[start] - c[start] % DAY_MS).label("period"))
     elif query.period == "month":
-        month = c[start] if table is usage_monthly else _month_of(c[start], a, b)
-        keys.append(month.label("period"))
-    return (select(*keys, func.sum(admitted).label("admitted"),
+        months = month_starts(a, b)
+        if len(months) == 1:
+            constant.append(literal_column(str(months[0]), BigInteger).label("period"))
+        elif table is usage_monthly:
+            keys.append(c[start].label("period"))
+        else:
+            keys.append(_month_of(c[start], months).label("period"))
+    return (select(*keys, *constant, func.sum(admitted).label("admitted"),
                    func.sum(denied).label("denied"))
             .where(and_(*conditions))
             .group_by(*keys))
 
 
-def _month_of(t: ColumnElement[Any], start: int, end: int) -> ColumnElement[Any]:
-    """The start of the month holding ``t``, for ``t`` in ``[start, end)``.
+def _month_of(t: ColumnElement[Any], months: list[int]) -> ColumnElement[Any]:
+    """The start of the month holding ``t``, one of ``months`` (ascending, two or more).
 
-    A CASE over the range's month starts, newest first (recent rows are the many), with
-    the bounds inlined as integer literals: portable, and cheaper per row than calendar
-    functions.
+    A CASE over the month starts, newest first (recent rows are the many), with the bounds
+    inlined as integer literals: portable, and cheaper per row than calendar functions.
     """
-    starts = month_starts(start, end)
-    if len(starts) == 1:
-        return literal_column(str(starts[0]), BigInteger)
-    newest_first = list(reversed(starts))
-    whens = [(t >= literal_column(str(m), BigInteger), literal_column(str(m), BigInteger))
-             for m in newest_first[:-1]]
-    return case(*whens, else_=literal_column(str(newest_first[-1]), BigInteger))
+    newest_first = [literal_column(str(m), BigInteger) for m in reversed(months)]
+    return case(*((t >= m, m) for m in newest_first[:-1]), else_=newest_first[-1])
 
 
 def _row(query: UsageQuery, record: Any) -> UsageRow:

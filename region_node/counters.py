@@ -178,11 +178,12 @@ class CounterStore:
 
     # --- state from central ------------------------------------------------------------
 
-    def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int) -> int:
-        """Apply central's totals; returns how many raised a remote count."""
+    def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int
+                     ) -> list[KeyTotal]:
+        """Apply central's totals; returns those that raised a remote count."""
         if now >= self._hour_end:
             self._seal_hour(now)  # rolling a window below must not move usage across hours
-        raised = 0
+        raised = []
         for total in totals:
             remote = total.total - total.components.get(node_id, 0)
             key = f"{total.namespace}/{total.key_hash}"
@@ -216,7 +217,7 @@ class CounterStore:
             else:
                 continue
             if delta > 0:
-                raised += 1
+                raised.append(total)
                 if policy.algorithm == "token_bucket":
                     refill(state, policy, now)
                     state.level -= delta * duration.ms

@@ -52,7 +52,7 @@ class PolicyResolver:
         return self._inline(namespace, inline)
 
     def _inline(self, namespace: str, inline: InlineFields) -> Policy:
-        cache_key = (namespace, inline)
+        cache_key: tuple[str, InlineFields] | None = (namespace, inline)
         try:
             policy = self._inline_policies.get(cache_key)
         except TypeError:  # a list or object where a scalar belongs; build_policy names it

@@ -154,9 +154,10 @@ class NodeSync:
 
     def _apply_totals(self, update: TotalsUpdate) -> None:
         now = self._clock()
-        self._store.apply_totals(update.totals, self.node_id, now)
-        for total in update.totals:
-            if total.as_of and any(node != self.node_id for node in total.components):
+        # Lag is measured only where other nodes' usage reached this node's count: a total
+        # re-sent for a denial, or for this node's own usage, says nothing about the lag.
+        for total in self._store.apply_totals(update.totals, self.node_id, now):
+            if total.as_of:
                 self._metrics.sync_lag.observe(max(0, now - total.as_of) / 1000)
 
     def _apply_config(self, config: ConfigUpdate) -> None:

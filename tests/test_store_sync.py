@@ -326,7 +326,7 @@ def test_remote_is_total_minus_this_nodes_component() -> None:
     s = CounterStore()
     s.check(NS, K1, FIXED, 3, T0)
     # Central has seen only 1 of our 3 so far; the others admitted 5.
-    assert s.apply_totals([total(FIXED, {ME: 1, "eu-2": 2, "us-1": 3})], ME, T0 + 1) == 1
+    assert len(s.apply_totals([total(FIXED, {ME: 1, "eu-2": 2, "us-1": 3})], ME, T0 + 1)) == 1
     state = s.get(NS, K1)
     assert state is not None and state.remote_cur == 5
     assert admit(s, FIXED, T0 + 2) == 2  # 3 local + 5 remote + 2 = 10
@@ -335,9 +335,9 @@ def test_remote_is_total_minus_this_nodes_component() -> None:
 def test_remote_only_grows() -> None:
     s = CounterStore()
     s.check(NS, K1, FIXED, 1, T0)
-    assert s.apply_totals([total(FIXED, {ME: 1, "us-1": 6})], ME, T0 + 1) == 1
-    assert s.apply_totals([total(FIXED, {ME: 1, "us-1": 4})], ME, T0 + 2) == 0
-    assert s.apply_totals([total(FIXED, {ME: 1, "us-1": 6})], ME, T0 + 3) == 0
+    assert len(s.apply_totals([total(FIXED, {ME: 1, "us-1": 6})], ME, T0 + 1)) == 1
+    assert len(s.apply_totals([total(FIXED, {ME: 1, "us-1": 4})], ME, T0 + 2)) == 0
+    assert len(s.apply_totals([total(FIXED, {ME: 1, "us-1": 6})], ME, T0 + 3)) == 0
     state = s.get(NS, K1)
     assert state is not None and state.remote_cur == 6
     assert admit(s, FIXED, T0 + 4) == 3
@@ -346,20 +346,20 @@ def test_remote_only_grows() -> None:
 def test_own_component_is_not_remote() -> None:
     s = CounterStore()
     s.check(NS, K1, FIXED, 4, T0)
-    assert s.apply_totals([total(FIXED, {ME: 4})], ME, T0 + 1) == 0
+    assert len(s.apply_totals([total(FIXED, {ME: 4})], ME, T0 + 1)) == 0
     state = s.get(NS, K1)
     assert state is not None and state.remote_cur == 0
     assert admit(s, FIXED, T0 + 2) == 6
-    assert s.apply_totals([total(FIXED, {ME: 7}, key=K2)], ME, T0 + 3) == 0
+    assert len(s.apply_totals([total(FIXED, {ME: 7}, key=K2)], ME, T0 + 3)) == 0
     assert s.get(NS, K2) is None
 
 
 def test_unknown_key_gets_state_only_when_remote_or_blocked() -> None:
     s = CounterStore()
-    assert s.apply_totals([total(FIXED, {ME: 0}, key=K1),
+    assert len(s.apply_totals([total(FIXED, {ME: 0}, key=K1),
                            total(FIXED, {"us-1": 4}, key=K2),
                            total(FIXED, {ME: 10}, key=K3, blocked_until=end_of(FIXED))],
-                          ME, T0) == 1
+                          ME, T0)) == 1
     assert s.get(NS, K1) is None
     k2 = s.get(NS, K2)
     k3 = s.get(NS, K3)
@@ -372,7 +372,7 @@ def test_unknown_key_gets_state_only_when_remote_or_blocked() -> None:
 def test_totals_for_expired_windows_are_ignored() -> None:
     s = CounterStore()
     old = start_of(FIXED) - HOUR_MS
-    assert s.apply_totals([total(FIXED, {"us-1": 4}, start=old)], ME, T0) == 0
+    assert len(s.apply_totals([total(FIXED, {"us-1": 4}, start=old)], ME, T0)) == 0
     assert s.get(NS, K1) is None
 
 
@@ -381,7 +381,7 @@ def test_totals_under_another_window_length_are_ignored() -> None:
     s.check(NS, K1, FIXED, 1, T0)
     misaligned = start_of(MINUTE)  # a minute start that is not an hour start
     assert misaligned % HOUR_MS
-    assert s.apply_totals([total(MINUTE, {"us-1": 9}, start=misaligned)], ME, T0) == 0
+    assert len(s.apply_totals([total(MINUTE, {"us-1": 9}, start=misaligned)], ME, T0)) == 0
     assert admit(s, FIXED, T0 + 1) == 9
 
 
@@ -418,8 +418,8 @@ def test_token_bucket_debits_remote_consumption() -> None:
     assert s.check(NS, K1, BUCKET, 1, now).allowed
     state = s.get(NS, K1)
     assert state is not None and state.level == 9 * 1_000
-    assert s.apply_totals([total(BUCKET, {ME: 1, "us-1": 20}, start=start_of(BUCKET, now))],
-                          ME, now) == 1
+    assert len(s.apply_totals([total(BUCKET, {ME: 1, "us-1": 20}, start=start_of(BUCKET, now))],
+                          ME, now)) == 1
     assert state.level == -11 * 1_000  # debt
     d = s.check(NS, K1, BUCKET, 1, now)
     assert not d.allowed and d.retry_after_ms == 1_200  # 12 tokens at 10/s
@@ -436,7 +436,7 @@ def test_token_bucket_debits_only_the_rise_of_remote() -> None:
     start = start_of(BUCKET, now)
     s.apply_totals([total(BUCKET, {"us-1": 3}, start=start)], ME, now)
     assert state.level == 7_000
-    assert s.apply_totals([total(BUCKET, {"us-1": 3}, start=start)], ME, now + 50) == 0
+    assert len(s.apply_totals([total(BUCKET, {"us-1": 3}, start=start)], ME, now + 50)) == 0
     assert state.level == 7_000  # no rise, no debit
     s.apply_totals([total(BUCKET, {"us-1": 8}, start=start)], ME, now + 100)
     assert state.level == 7_000 + 100 * 10 - 5_000  # refilled for 100 ms, then debited
@@ -468,7 +468,7 @@ def test_total_for_the_previous_window_weighs_in_the_sliding_window() -> None:
     s = CounterStore()
     s.check(NS, K1, SLIDING, 0, mid)
     prev = start - 60_000
-    assert s.apply_totals([total(SLIDING, {"us-1": 10}, start=prev)], ME, mid) == 1
+    assert len(s.apply_totals([total(SLIDING, {"us-1": 10}, start=prev)], ME, mid)) == 1
     state = s.get(NS, K1)
     assert state is not None and state.remote_prev == 10 and state.remote_cur == 0
     assert admit(s, SLIDING, mid) == 5
@@ -500,7 +500,7 @@ def test_seed_remote_counts_spilled_usage_as_remote() -> None:
     assert s.unpublished == 0  # the spill is republished as is, not as this node's usage
     assert admit(s, FIXED, T0 + 1) == 6
     # Central then reports the former self as another component: no double count.
-    assert s.apply_totals([total(FIXED, {"eu-host-1-boot0": 4, ME: 6})], ME, T0 + 2) == 0
+    assert len(s.apply_totals([total(FIXED, {"eu-host-1-boot0": 4, ME: 6})], ME, T0 + 2)) == 0
     state = s.get(NS, K1)
     assert state is not None and state.remote_cur == 4
 
