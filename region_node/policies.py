@@ -54,7 +54,7 @@ class PolicyResolver:
     def _inline(self, namespace: str, inline: InlineFields) -> Policy:
         cache_key: tuple[str, InlineFields] | None = (namespace, inline)
         try:
-            policy = self._inline_policies.get(cache_key)
+            policy = self._inline_policies.get((namespace, inline))
         except TypeError:  # a list or object where a scalar belongs; build_policy names it
             cache_key, policy = None, None
         if policy is not None:
