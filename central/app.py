@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from central.admin_api import admin_router
+from central.json_bodies import JsonBodies
 from central.service import CentralService
 from central.usage_api import usage_router
 from region_node.http_errors import install_error_handlers
@@ -27,6 +28,7 @@ def build_central_app(service: CentralService) -> FastAPI:
     app = FastAPI(title="regionlimit central", version="1", lifespan=lifespan)
 
     install_error_handlers(app)
+    app.add_middleware(JsonBodies)
     app.include_router(admin_router(service))
     app.include_router(usage_router(service))
 

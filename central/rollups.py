@@ -23,7 +23,9 @@ so an increment can never be marked rolled without having been added. SQLite run
 writer at a time.
 
 Only complete periods are folded, a lag after their end, so a day is normally folded
-once; a later increment for it costs one more small fold, not a recount.
+once; a later increment for it costs one more small fold, not a recount. A fold takes a
+bounded number of rows per transaction (a day of a busy ledger is split into chunks of
+whole hours).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ log = logging.getLogger("regionlimit.central.rollups")
 # usually ingested by then. Later arrivals are still correct, only folded again.
 ROLLUP_LAG_MS = HOUR_MS
 MAX_ATTEMPTS = 8
+FOLD_BATCH_ROWS = 50_000  # source rows per fold transaction, about
 # Postgres: serialization failure, deadlock. SQLite: "database is locked" has no code.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
@@ -73,16 +76,22 @@ class RollupReport:
 
 @dataclass(frozen=True, slots=True)
 class _Level:
-    """A fold from ``source`` (rows starting at ``source_start``) into ``target``."""
+    """A fold from ``source`` (rows of ``unit_ms`` starting at ``source_start``) into
+    ``target`` (periods from ``period_of`` to ``period_end``)."""
 
     source: Table
     source_start: str
+    unit_ms: int
     target: Table
     target_start: str
+    period_of: Callable[[int], int]
+    period_end: Callable[[int], int]
 
 
-HOURS_TO_DAYS = _Level(usage_hourly, "hour_start", usage_daily, "day_start")
-DAYS_TO_MONTHS = _Level(usage_daily, "day_start", usage_monthly, "month_start")
+HOURS_TO_DAYS = _Level(usage_hourly, "hour_start", HOUR_MS, usage_daily, "day_start",
+                       floor_day, lambda day: day + DAY_MS)
+DAYS_TO_MONTHS = _Level(usage_daily, "day_start", DAY_MS, usage_monthly, "month_start",
+                        floor_month, next_month)
 
 
 class RollupJob:
@@ -125,9 +134,9 @@ class RollupJob:
         second run at the same ``now_ms`` finds nothing to do."""
         report = RollupReport()
         report.days_folded = await self._fold_all(
-            HOURS_TO_DAYS, floor_day(now_ms - self.lag_ms), next_period=_next_day)
+            HOURS_TO_DAYS, floor_day(now_ms - self.lag_ms))
         report.months_folded = await self._fold_all(
-            DAYS_TO_MONTHS, floor_month(now_ms - self.lag_ms), next_period=next_month)
+            DAYS_TO_MONTHS, floor_month(now_ms - self.lag_ms))
         report.hourly_pruned = await self._transaction(lambda c: self._prune(
             c, usage_hourly, "hour_start", "hourly_from",
             floor_day(now_ms - self.hourly_retention_ms)))
@@ -141,21 +150,42 @@ class RollupJob:
 
     # --- folding ---------------------------------------------------------------------
 
-    async def _fold_all(self, level: _Level, before: int,
-                        next_period: Callable[[int], int]) -> int:
-        """Fold every period with pending rows that ends by ``before``, oldest first, one
-        transaction per period (bounded size; progress survives a failure)."""
-        folded, cursor = 0, 0
+    async def _fold_all(self, level: _Level, before: int) -> int:
+        """Fold the pending rows of every period that ends by ``before``, oldest first;
+        returns how many target periods received usage.
+
+        One transaction per chunk of at most ``FOLD_BATCH_ROWS`` rows (whole source units,
+        within one target period): a fold adds deltas, so a period may be folded in any
+        number of pieces; bounded transactions keep statements short and locks brief,
+        and progress survives a failure.
+        """
+        periods: set[int] = set()
+        cursor = 0
         while True:
             oldest = await self._oldest_pending(level, cursor, before)
             if oldest is None:
-                return folded
-            start = floor_day(oldest) if level is HOURS_TO_DAYS else floor_month(oldest)
-            end = next_period(start)
-            # Awaited at once, so the lambda's late binding of start/end is harmless.
-            await self._transaction(lambda c: self._fold(c, level, start, end))  # noqa: B023
-            folded += 1
+                return len(periods)
+            period = level.period_of(oldest)
+            end = await self._chunk_end(level, oldest, level.period_end(period))
+            # Awaited at once, so the lambda's late binding of the loop variables is fine.
+            await self._transaction(
+                lambda c: self._fold(c, level, period, oldest, end))  # noqa: B023
+            periods.add(period)
             cursor = end  # later increments for earlier periods wait for the next run
+
+    async def _chunk_end(self, level: _Level, start: int, period_end: int) -> int:
+        """Where a fold starting at ``start`` stops: the period's end, or earlier so that
+        it takes about ``FOLD_BATCH_ROWS`` rows (at least one whole source unit)."""
+        c = level.source.c
+        column = c[level.source_start]
+        async with self._engine.connect() as connection:
+            beyond = (await connection.execute(
+                select(column).where(pending(level.source), column >= start,
+                                     column < period_end)
+                .order_by(column).offset(FOLD_BATCH_ROWS).limit(1))).scalar()
+        if beyond is None:
+            return period_end
+        return max(int(beyond), start + level.unit_ms)
 
     async def _oldest_pending(self, level: _Level, cursor: int, before: int) -> int | None:
         c = level.source.c
@@ -167,11 +197,11 @@ class RollupJob:
                                               start < before))).scalar()
         return None if oldest is None else int(oldest)
 
-    async def _fold(self, connection: AsyncConnection, level: _Level, start: int, end: int
-                    ) -> None:
-        """Add the pending part of ``level.source`` rows in ``[start, end)`` (one target
-        period) to the target rows, then mark it rolled - or delete the source rows when
-        their detail is past retention (a late arrival for a pruned period)."""
+    async def _fold(self, connection: AsyncConnection, level: _Level, period: int, start: int,
+                    end: int) -> None:
+        """Add the pending part of ``level.source`` rows in ``[start, end)`` (inside the
+        target ``period``) to the target rows, then mark it rolled - or delete the source
+        rows when their detail is past retention (a late arrival for a pruned period)."""
         source, target = level.source, level.target
         s = source.c
         in_period = and_(s[level.source_start] >= start, s[level.source_start] < end,
@@ -184,7 +214,7 @@ class RollupJob:
                   .with_for_update().subquery())
         await connection.execute(select(func.count()).select_from(locked))  # no rows back
         sums = (select(s.namespace, s.key_hash, s.region,
-                       literal_column(str(int(start)), BigInteger),
+                       literal_column(str(int(period)), BigInteger),
                        func.sum(s.admitted - s.rolled_admitted),
                        func.sum(s.denied - s.rolled_denied))
                 .where(in_period)
@@ -197,7 +227,8 @@ class RollupJob:
             index_elements=["namespace", "key_hash", "region", level.target_start],
             set_={"admitted": t.admitted + new.admitted, "denied": t.denied + new.denied}))
         retention = await read_retention(connection)
-        if start < _detail_from(level, retention):
+        # Retention marks fall on target period boundaries: the whole chunk is on one side.
+        if period < _detail_from(level, retention):
             await connection.execute(delete(source).where(in_period))
         else:
             await connection.execute(update(source).where(in_period).values(
@@ -235,10 +266,6 @@ class RollupJob:
                 log.debug("rollup transaction conflicted (%s); retrying", exc.orig)
             await asyncio.sleep(min(2.0, 0.02 * 2 ** attempt))
         raise AssertionError("unreachable")
-
-
-def _next_day(day: int) -> int:
-    return day + DAY_MS
 
 
 def _detail_from(level: _Level, retention: Retention) -> int:

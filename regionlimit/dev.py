@@ -8,7 +8,7 @@ then NATS.
 
 from __future__ import annotations
 
-import asyncio
+import ctypes
 import os
 import secrets
 import shutil
@@ -17,12 +17,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
 REGIONS = ("us", "eu", "ap")
+PR_SET_PDEATHSIG = 1
 
 
 def nats_server_binary() -> str:
@@ -66,9 +68,12 @@ class DevSystem:
         return env
 
     def spawn(self, name: str, args: list[str]) -> None:
+        # Own session: Ctrl-C reaches only this supervisor, which stops the children in
+        # order. The death signal covers the supervisor itself being killed.
         with (self.state_dir / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(args, env=self.env(), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent)
         self.children.append((name, proc))
 
     def start(self) -> None:
@@ -146,6 +151,15 @@ class DevSystem:
         return "\n".join(lines)
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the supervisor dies (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,7 +173,7 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 def run_dev(*, port_base: int, nats_url: str | None, state_dir: Path | None) -> None:
     system = DevSystem(port_base=port_base, nats_url=nats_url,
                        state_dir=state_dir or Path(tempfile.mkdtemp(prefix="regionlimit-dev-")))
-    stopping = asyncio.Event()
+    stopping = threading.Event()
 
     def request_stop(*_: object) -> None:
         stopping.set()
@@ -174,5 +188,7 @@ def run_dev(*, port_base: int, nats_url: str | None, state_dir: Path | None) -> 
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C must not cut the orderly stop short and orphan the children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         system.stop()
         print("regionlimit dev stopped", flush=True)

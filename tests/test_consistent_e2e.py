@@ -171,3 +171,18 @@ def test_admin_endpoints_require_the_token(cluster: Cluster) -> None:
             assert r.json()["error"]["code"] == "unauthorized"
             assert "test-admin-token" not in r.text
     assert httpx.get(central.url + "/healthz").status_code == 200
+
+
+def test_curl_style_bodies_are_read_as_json(cluster: Cluster) -> None:
+    """`curl -d` declares form encoding; the README's commands must work as written."""
+    from tests.support.processes import TEST_ADMIN_TOKEN
+
+    central = cluster.central()
+    r = httpx.put(central.url + "/v1/namespaces/formish", content=b'{"limit": 3, '
+                  b'"duration": "1m"}', headers={
+                      "authorization": f"Bearer {TEST_ADMIN_TOKEN}",
+                      "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert r.json()["limit"] == 3
+    bad = admin(central.url, "PUT", "/v1/namespaces/formish", None)
+    assert bad.status_code in (400, 422)

