@@ -69,18 +69,15 @@ class CheckEndpoints:
                                f"checks must be a list of 1..{MAX_BATCH} checks", "checks")
         except ApiError as exc:
             return error_reply(exc)
-        results: list[Any] = []
+        results: list[Any] = self.checker.check_batch(checks)
         pending: list[tuple[int, Awaitable[Result]]] = []
-        check = self.checker.check
-        for item in checks:
-            try:
-                outcome = check(item)
-            except ApiError as exc:
-                results.append(exc.body())
+        for index, outcome in enumerate(results):
+            if outcome.__class__ is dict:
                 continue
-            if not isinstance(outcome, dict):
-                pending.append((len(results), outcome))
-            results.append(outcome)
+            if isinstance(outcome, ApiError):
+                results[index] = outcome.body()
+            else:
+                pending.append((index, outcome))
         if pending:
             done = await asyncio.gather(*(awaitable for _, awaitable in pending))
             for (index, _), result in zip(pending, done, strict=True):

@@ -22,9 +22,9 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.total += value * times
 
     def family(self, name: str, doc: str, labels: dict[str, str]) -> HistogramMetricFamily:
         family = HistogramMetricFamily(name, doc, labels=list(labels))
@@ -44,7 +44,9 @@ LAG_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 class NodeMetrics(Collector):
     def __init__(self, region: str) -> None:
         self.region = region
-        self.checks: dict[tuple[str, str, str], int] = {}
+        # source -> namespace label -> [denied, allowed]: no tuple built per check
+        self.checks: dict[str, dict[str, list[int]]] = {
+            "local": {}, "authority": {}, "fallback": {}}
         self.latency = Histogram(LATENCY_BOUNDS)
         self.sync_lag = Histogram(LAG_BOUNDS)
         self.fallbacks: dict[str, int] = {}
@@ -58,8 +60,11 @@ class NodeMetrics(Collector):
         self.registry.register(self)
 
     def count_check(self, label: str, allowed: bool, source: str) -> None:
-        key = (label, "allowed" if allowed else "denied", source)
-        self.checks[key] = self.checks.get(key, 0) + 1
+        slots = self.checks[source]
+        slot = slots.get(label)
+        if slot is None:
+            slot = slots[label] = [0, 0]
+        slot[allowed] += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -69,8 +74,10 @@ class NodeMetrics(Collector):
         region = {"region": self.region}
         checks = CounterMetricFamily("regionlimit_checks", "Checks answered",
                                      labels=["namespace", "outcome", "source", "region"])
-        for (label, outcome, source), value in sorted(self.checks.items()):
-            checks.add_metric([label, outcome, source, self.region], value)
+        for source, slots in self.checks.items():
+            for label, (denied, allowed) in sorted(slots.items()):
+                checks.add_metric([label, "allowed", source, self.region], allowed)
+                checks.add_metric([label, "denied", source, self.region], denied)
         yield checks
         yield self.latency.family("regionlimit_check_duration_seconds",
                                   "Time to decide one check, HTTP excluded", region)

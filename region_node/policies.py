@@ -43,15 +43,19 @@ class PolicyResolver:
     def label(self, namespace: str) -> str:
         return namespace if namespace in self._configured else INLINE_LABEL
 
+    def configured(self, namespace: str) -> NamespaceConfig | None:
+        return self._configured.get(namespace)
+
     def resolve(self, namespace: str, key_hash: str, inline: InlineFields | None) -> Policy:
         config = self._configured.get(namespace)
         if config is not None:
             return config.overrides.get(key_hash, config.policy)
         if inline is None:
             raise UnknownNamespace(namespace)
-        return self._inline(namespace, inline)
+        return self.inline(namespace, inline)
 
-    def _inline(self, namespace: str, inline: InlineFields) -> Policy:
+    def inline(self, namespace: str, inline: InlineFields) -> Policy:
+        """The policy of an unconfigured namespace from a check's own fields."""
         cache_key: tuple[str, InlineFields] | None = (namespace, inline)
         try:
             policy = self._inline_policies.get((namespace, inline))

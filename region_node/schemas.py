@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-DURATION_PATTERN = r"^([1-9][0-9]{0,9}(ms|s|m|h|d)|month)$"
+DURATION_PATTERN = r"^([1-9][0-9]{0,10}(ms|s|m|h|d)|month)$"
 
 
 class CheckRequest(BaseModel):
