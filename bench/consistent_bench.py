@@ -1,7 +1,8 @@
 """Consistent mode against fast mode, through a region node on loopback.
 
     .venv/bin/python -m bench.consistent_bench [--seconds 10] [--rate 500] [--clients 64]
-        [--keys 100] [--postgres URL] [--py-spy] [--json bench/out/consistent.json]
+        [--keys 100] [--postgres URL] [--py-spy] [--client raw|httpx]
+        [--what-if-seconds 3] [--json FILE]
 
 A whole system runs as processes, the product's defaults: its own nats-server (free port,
 temp JetStream store), a throwaway Postgres database (`rl_bench_<hex>`, dropped on exit)
@@ -723,7 +724,8 @@ def main() -> None:
                         help="per configuration of the in-process what-if comparison")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="load generator HTTP client (see the module doc)")
-    parser.add_argument("--json", type=Path, default=OUT_DIR / "consistent.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"also write the figures as JSON (e.g. {OUT_DIR}/consistent.json)")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -808,6 +810,8 @@ def main() -> None:
 
     print(load_after())
     verdicts = report_targets(rows, args)
+    if args.json is None:
+        return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine(), "cores": cores, "rows": rows,
                                      "authority_alone": alone, "what_if": whatif,

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from central.admin_api import admin_router
+from central.auth import AdminAuth
 from central.json_bodies import JsonBodies
 from central.service import CentralService
 from central.usage_api import usage_router
@@ -29,6 +30,7 @@ def build_central_app(service: CentralService) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(JsonBodies)
+    app.add_middleware(AdminAuth, token=service.admin_token)
     app.include_router(admin_router(service))
     app.include_router(usage_router(service))
 

@@ -24,8 +24,9 @@ writer at a time.
 
 Only complete periods are folded, a lag after their end, so a day is normally folded
 once; a later increment for it costs one more small fold, not a recount. A fold takes a
-bounded number of rows per transaction (a day of a busy ledger is split into chunks of
-whole hours).
+bounded number of rows per transaction: a day of a busy ledger is folded in chunks of
+whole hours, a busy hour (or day, into its month) in slices of the key space. A prune
+runs when its retention mark moves: once a day for hourly rows, once a month for daily.
 """
 
 from __future__ import annotations
@@ -36,11 +37,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Table, and_, delete, func, literal_column, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Table,
+    and_,
+    delete,
+    func,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from central.database import make_engine
 from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 from central.settings import CentralSettings
 from central.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
@@ -53,7 +65,10 @@ log = logging.getLogger("regionlimit.central.rollups")
 # usually ingested by then. Later arrivals are still correct, only folded again.
 ROLLUP_LAG_MS = HOUR_MS
 MAX_ATTEMPTS = 8
+MAINTENANCE_TIMEOUT_S = 900.0  # per statement; a hung one must fail eventually
 FOLD_BATCH_ROWS = 50_000  # source rows per fold transaction, about
+MAX_KEY_SPLIT_DEPTH = 3  # up to 16^3 key slices of one hour or day
+HEX = "0123456789abcdef"
 # Postgres: serialization failure, deadlock. SQLite: "database is locked" has no code.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
@@ -94,13 +109,41 @@ DAYS_TO_MONTHS = _Level(usage_daily, "day_start", DAY_MS, usage_monthly, "month_
                         floor_month, next_month)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """``[low, high)`` of key hashes in byte order (None: unbounded), from splitting the
+    key space by hex prefix. The ranges of one split cover every string, hex or not."""
+
+    low: str | None = None
+    high: str | None = None
+    prefix: str = ""
+    depth: int = 0
+
+    def split(self) -> list[KeyRange]:
+        bounds: list[str | None] = [self.low, *(self.prefix + d for d in HEX[1:]), self.high]
+        return [KeyRange(bounds[i], bounds[i + 1], self.prefix + HEX[i], self.depth + 1)
+                for i in range(len(HEX))]
+
+    def conditions(self, key_hash: ColumnElement[str], engine: AsyncEngine
+                   ) -> list[ColumnElement[bool]]:
+        # Byte order, whatever the database's collation, so the ranges partition exactly.
+        column = key_hash.collate("C") if engine.dialect.name == "postgresql" else key_hash
+        found = []
+        if self.low is not None:
+            found.append(column >= self.low)
+        if self.high is not None:
+            found.append(column < self.high)
+        return found
+
+
 class RollupJob:
     def __init__(self, engine: AsyncEngine, *, hourly_retention_ms: int,
                  daily_retention_ms: int, interval_s: float = 600.0,
-                 lag_ms: int = ROLLUP_LAG_MS) -> None:
+                 lag_ms: int = ROLLUP_LAG_MS, owns_engine: bool = False) -> None:
         if engine.dialect.name not in ("postgresql", "sqlite"):
             raise ValueError(f"unsupported database dialect {engine.dialect.name!r}")
         self._engine = engine
+        self._owns_engine = owns_engine
         self.hourly_retention_ms = hourly_retention_ms
         self.daily_retention_ms = daily_retention_ms
         self.interval_s = interval_s
@@ -108,26 +151,36 @@ class RollupJob:
 
     @classmethod
     def from_settings(cls, engine: AsyncEngine, settings: CentralSettings) -> RollupJob:
-        return cls(engine,
+        """A job on its own small engine for ``engine``'s database (see
+        ``maintenance_engine``); ``aclose`` or the end of ``run_forever`` disposes it."""
+        return cls(maintenance_engine(engine),
                    hourly_retention_ms=setting_ms(settings.hourly_retention),
                    daily_retention_ms=setting_ms(settings.daily_retention),
-                   interval_s=settings.seconds("rollup_interval"))
+                   interval_s=settings.seconds("rollup_interval"), owns_engine=True)
+
+    async def aclose(self) -> None:
+        if self._owns_engine:
+            await self._engine.dispose()
 
     async def run_forever(self, clock: Clock) -> None:
         """The leader's loop: a failed run is logged and retried at the next interval.
         The first run waits an interval too: a new leader lets ingest catch up first."""
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                report = await self.run_once(clock())
-            except Exception as exc:
-                log.warning("usage rollup failed (%s: %s); retrying in %.0fs",
-                            type(exc).__name__, str(exc)[:200], self.interval_s)
-            else:
-                if report.changed:
-                    log.info("usage rollup: %d days and %d months folded, %d hourly and %d "
-                             "daily rows pruned", report.days_folded, report.months_folded,
-                             report.hourly_pruned, report.daily_pruned)
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                try:
+                    report = await self.run_once(clock())
+                except Exception as exc:
+                    log.warning("usage rollup failed (%s: %s); retrying in %.0fs",
+                                type(exc).__name__, str(exc)[:200], self.interval_s)
+                else:
+                    if report.changed:
+                        log.info("usage rollup: %d days and %d months folded, %d hourly "
+                                 "and %d daily rows pruned", report.days_folded,
+                                 report.months_folded, report.hourly_pruned,
+                                 report.daily_pruned)
+        finally:
+            await self.aclose()
 
     async def run_once(self, now_ms: int) -> RollupReport:
         """Fold complete days and months, then prune past the retentions. Idempotent: a
@@ -167,11 +220,33 @@ class RollupJob:
                 return len(periods)
             period = level.period_of(oldest)
             end = await self._chunk_end(level, oldest, level.period_end(period))
-            # Awaited at once, so the lambda's late binding of the loop variables is fine.
-            await self._transaction(
-                lambda c: self._fold(c, level, period, oldest, end))  # noqa: B023
+            await self._fold_range(level, period, oldest, end, KeyRange())
             periods.add(period)
             cursor = end  # later increments for earlier periods wait for the next run
+
+    async def _fold_range(self, level: _Level, period: int, start: int, end: int,
+                          keys: KeyRange) -> None:
+        """Fold ``[start, end)`` in one transaction - or, when it is a single source unit
+        (an hour, a day) holding more than ``FOLD_BATCH_ROWS`` rows, in slices of the key
+        space, so that no statement grows with the number of keys."""
+        if (end - start == level.unit_ms and keys.depth < MAX_KEY_SPLIT_DEPTH
+                and await self._more_than(level, start, end, keys, FOLD_BATCH_ROWS)):
+            for part in keys.split():
+                await self._fold_range(level, period, start, end, part)
+            return
+        await self._transaction(lambda c: self._fold(c, level, period, start, end, keys))
+
+    async def _more_than(self, level: _Level, start: int, end: int, keys: KeyRange,
+                         limit: int) -> bool:
+        s = level.source.c
+        column = s[level.source_start]
+        inner = (select(column).where(pending(level.source), column >= start, column < end,
+                                      *keys.conditions(s.key_hash, self._engine))
+                 .limit(limit + 1).subquery())
+        async with self._engine.connect() as connection:
+            found = (await connection.execute(select(func.count()).select_from(inner))
+                     ).scalar_one()
+        return int(found) > limit
 
     async def _chunk_end(self, level: _Level, start: int, period_end: int) -> int:
         """Where a fold starting at ``start`` stops: the period's end, or earlier so that
@@ -198,14 +273,15 @@ class RollupJob:
         return None if oldest is None else int(oldest)
 
     async def _fold(self, connection: AsyncConnection, level: _Level, period: int, start: int,
-                    end: int) -> None:
+                    end: int, keys: KeyRange) -> None:
         """Add the pending part of ``level.source`` rows in ``[start, end)`` (inside the
-        target ``period``) to the target rows, then mark it rolled - or delete the source
-        rows when their detail is past retention (a late arrival for a pruned period)."""
+        target ``period``) and ``keys`` to the target rows, then mark it rolled - or delete
+        the source rows when their detail is past retention (a late arrival for a pruned
+        period)."""
         source, target = level.source, level.target
         s = source.c
         in_period = and_(s[level.source_start] >= start, s[level.source_start] < end,
-                         pending(source))
+                         pending(source), *keys.conditions(s.key_hash, self._engine))
         # Lock the rows in primary-key order first: ingest upserts in that order too, so
         # the two never deadlock (and under REPEATABLE READ a row ingest changed since
         # this transaction's snapshot fails the lock, and the fold starts over).
@@ -266,6 +342,17 @@ class RollupJob:
                 log.debug("rollup transaction conflicted (%s); retrying", exc.orig)
             await asyncio.sleep(min(2.0, 0.02 * 2 ** attempt))
         raise AssertionError("unreachable")
+
+
+def maintenance_engine(engine: AsyncEngine) -> AsyncEngine:
+    """An engine for the job alone: a pruning DELETE of a busy day may run longer than
+    the command timeout that keeps ingest's statements short, and the job needs only one
+    connection at a time, not a share of the service's pool."""
+    url = engine.url.render_as_string(hide_password=False)
+    if engine.dialect.name == "postgresql":
+        return make_engine(url, pool_size=1, max_overflow=1,
+                           connect_args={"command_timeout": MAINTENANCE_TIMEOUT_S})
+    return make_engine(url)
 
 
 def _detail_from(level: _Level, retention: Retention) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import uvicorn
@@ -22,4 +21,5 @@ def serve_central(settings: CentralSettings, *, database_url: str) -> None:
                             log_level=settings.log_level)
     log.info("central replica %s listening on http://%s:%d", service.replica_id,
              settings.host, settings.port)
-    asyncio.run(uvicorn.Server(config).serve())
+    # Server.run() builds the loop the config names (uvloop); asyncio.run() would not.
+    uvicorn.Server(config).run()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.background import BackgroundTask
 
 from central.auth import admin_guard
 from central.service import CentralService
 from central.usage_query import (
     UsageQuery,
+    UsageRow,
     csv_header,
     csv_lines,
     iso,
@@ -23,10 +25,11 @@ from central.usage_query import (
     response_body,
     wants_csv,
 )
-from central.usage_store import UsageSnapshot, UsageStore
+from central.usage_store import UsageStore
 from region_node.errors import NOT_JSON, ApiError, from_invalid_field
 from sync.errors import InvalidField
 
+log = logging.getLogger("regionlimit.central")
 MAX_BODY_BYTES = 64 * 1024
 QUERY_EXAMPLE = {"namespace": "api", "identifier": "sk_live_abc123", "from": "2026-11-01",
                  "to": "2026-12-01", "group_by": ["region", "month"]}
@@ -58,27 +61,25 @@ def usage_router(service: CentralService) -> APIRouter:
             raise from_invalid_field(exc) from None
 
         if not wants_csv(request.headers.get("accept")):
-            try:
+            with _ledger_errors():
                 async with store.snapshot() as snapshot:
                     rows = await snapshot.rows(query)
-            except InvalidField as exc:  # the range needs detail that was pruned
-                raise from_invalid_field(exc) from None
             return Response(orjson.dumps(response_body(query, rows)),
                             media_type="application/json")
 
-        # CSV streams from a server-side cursor: the snapshot stays open until the stream
-        # ends; the background task closes it if the client left before the stream began.
+        # CSV streams from a server-side cursor. The query runs before the response
+        # starts, so its errors still get a status; the snapshot stays open until the
+        # stream ends, or the background task closes it if the client left before that.
         stack = contextlib.AsyncExitStack()
         try:
-            snapshot = await stack.enter_async_context(store.snapshot())
-            statement = snapshot.statement(query)
-        except BaseException as exc:
+            with _ledger_errors():
+                snapshot = await stack.enter_async_context(store.snapshot())
+                cursor = await snapshot.open_cursor(query)
+        except BaseException:
             await stack.aclose()
-            if isinstance(exc, InvalidField):
-                raise from_invalid_field(exc) from None
             raise
         return StreamingResponse(
-            _csv_stream(query, snapshot, statement, stack),
+            _csv_stream(query, snapshot.chunks(query, cursor), stack),
             media_type="text/csv; charset=utf-8",
             headers={"content-disposition": f'attachment; filename="{_filename(query)}"'},
             background=BackgroundTask(stack.aclose))
@@ -86,12 +87,26 @@ def usage_router(service: CentralService) -> APIRouter:
     return router
 
 
-async def _csv_stream(query: UsageQuery, snapshot: UsageSnapshot, statement: Any,
+@contextlib.contextmanager
+def _ledger_errors() -> Iterator[None]:
+    """A range that needs pruned detail is the client's 422; a database that fails or
+    times out is a 503, not a 500."""
+    try:
+        yield
+    except InvalidField as exc:
+        raise from_invalid_field(exc) from None
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        log.warning("usage query failed: %s", type(exc).__name__)
+        raise ApiError(503, "ledger_unavailable",
+                       "the ledger database is unavailable; try again") from None
+
+
+async def _csv_stream(query: UsageQuery, chunks: AsyncIterator[list[UsageRow]],
                       stack: contextlib.AsyncExitStack) -> AsyncIterator[str]:
     columns = query.columns
     try:
         yield csv_header(columns)
-        async for rows in snapshot.stream(query, statement):
+        async for rows in chunks:
             yield csv_lines(columns, rows)
     finally:
         # A client that disconnects cancels this generator; the shield lets the

@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
     union_all,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncResult
 
 from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 from central.usage_query import (
@@ -85,18 +85,27 @@ class UsageSnapshot:
         result = await self.connection.execute(statement)
         return [_row(query, record) for record in result]
 
-    async def stream(self, query: UsageQuery, statement: Select[Any] | None = None
-                     ) -> AsyncIterator[list[UsageRow]]:
-        """Rows in chunks from a server-side cursor: memory stays flat for any export."""
-        statement = statement if statement is not None else self.statement(query)
+    async def stream(self, query: UsageQuery) -> AsyncIterator[list[UsageRow]]:
+        """Rows in chunks from a server-side cursor: memory stays flat for any export.
+        The query runs (and fails, if it does) on the first ``__anext__``."""
+        result = await self.open_cursor(query)
+        async for rows in self.chunks(query, result):
+            yield rows
+
+    async def open_cursor(self, query: UsageQuery) -> AsyncResult[Any]:
+        statement = self.statement(query)
         await self._tune(query)
-        result = await self.connection.stream(statement)
+        result: AsyncResult[Any] = await self.connection.stream(statement)
+        return result
+
+    @staticmethod
+    async def chunks(query: UsageQuery, result: AsyncResult[Any]
+                     ) -> AsyncIterator[list[UsageRow]]:
         try:
             async for records in result.partitions(STREAM_CHUNK):
                 yield [_row(query, record) for record in records]
         finally:
             await result.close()
-
 
     async def _tune(self, query: UsageQuery) -> None:
         """Postgres settings for this transaction only. JIT compiles these plain

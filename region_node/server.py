@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 from typing import Any
@@ -44,4 +43,5 @@ def serve_node(settings: NodeSettings, *, secret: str) -> None:
                             log_level=settings.log_level)
     log.info("region %s node %s listening on http://%s:%d", node.region, node.node_id,
              settings.host, settings.port)
-    asyncio.run(uvicorn.Server(config).serve())
+    # Server.run() builds the loop the config names (uvloop); asyncio.run() would not.
+    uvicorn.Server(config).run()

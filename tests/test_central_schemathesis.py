@@ -198,18 +198,12 @@ BODY_OPERATIONS = [("PUT", "/v1/namespaces/x"), ("PUT", "/v1/namespaces/x/overri
                    ("POST", "/v1/identifiers/hash")]
 
 
-@pytest.mark.xfail(strict=True, reason="FastAPI parses the JSON body before the admin "
-                   "guard (a router dependency) runs: an unauthenticated non-JSON body gets "
-                   "400 invalid_json, not 401")
 @pytest.mark.parametrize("method,path", BODY_OPERATIONS)
 def test_a_non_json_body_without_the_token_is_a_401(method: str, path: str) -> None:
     answer = _send(method, path, b"{not json", {})
     assert answer.status_code == 401, answer.text
 
 
-@pytest.mark.xfail(strict=True, reason="a body that is not UTF-8 (b'\\x80') makes FastAPI "
-                   "raise its own 400 'There was an error parsing the body', which central "
-                   "maps to code http_error instead of invalid_json")
 @pytest.mark.parametrize("method,path", BODY_OPERATIONS)
 def test_a_non_utf8_body_is_invalid_json(method: str, path: str) -> None:
     answer = _send(method, path, b"\x80", AUTH)
@@ -217,10 +211,8 @@ def test_a_non_utf8_body_is_invalid_json(method: str, path: str) -> None:
     assert _error_code(answer) == "invalid_json", answer.text
 
 
-@pytest.mark.xfail(strict=True, reason="central's validation handler reports the JSON "
-                   "decode position as the field ('field': '1'); API.md: field absent when "
-                   "no field is at fault")
 def test_invalid_json_names_no_field() -> None:
+    """API.md: ``field`` is absent when no field is at fault (not the decode position)."""
     answer = _send("PUT", "/v1/namespaces/x", b"{not json", AUTH)
     assert answer.status_code == 400, answer.text
     assert "field" not in answer.json()["error"], answer.text

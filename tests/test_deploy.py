@@ -16,8 +16,8 @@
 - Alerts and dashboard: YAML/JSON structure, metric names, template variables; where
   `promtool` is on PATH, `promtool check rules|config` and `promtool test rules` with the
   unit tests below.
-- Every REGIONLIMIT_ variable used under deploy/ (and in the README's deploy section) is a field of the
-  settings classes.
+- Every REGIONLIMIT_ variable used under deploy/ (and in the README's deploy section) is
+  a field of the settings classes.
 """
 
 from __future__ import annotations

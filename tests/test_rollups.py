@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,7 +24,7 @@ from central.database import make_engine
 from central.ledger import BucketIncrement, LedgerStore
 from central.migrate import run_migrations
 from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
-from central.rollups import RollupJob
+from central.rollups import KeyRange, RollupJob
 from central.usage_query import (
     DAY_MS,
     HOUR_MS,
@@ -138,10 +140,10 @@ async def marks(engine: AsyncEngine) -> tuple[int, int, int]:
         return int(row[0]), int(row[1]), int(row[2])
 
 
-@pytest.mark.parametrize("batch_rows", [50_000, 2], ids=["whole-periods", "tiny-chunks"])
+@pytest.mark.parametrize("batch_rows", [50_000, 20], ids=["whole-periods", "small-chunks"])
 async def test_totals_never_change_across_rollups_and_prunes(
         engine: AsyncEngine, batch_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tiny chunks: days and months are folded in many transactions of a few rows.
+    # Small chunks: months (and busy days) are folded in several transactions.
     monkeypatch.setattr(rollups, "FOLD_BATCH_ROWS", batch_rows)
     rng, model = random.Random(1), {}
     await add(engine, model, traffic(rng, 1500, DATA_FROM, NOW - NOW % HOUR_MS + HOUR_MS))
@@ -262,3 +264,29 @@ async def test_rollups_racing_with_ingest_lose_nothing(postgres_url: str) -> Non
     finally:
         await ingest_engine.dispose()
         await rollup_engine.dispose()
+
+
+async def test_a_busy_hour_is_folded_in_slices_of_the_key_space(
+        engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rollups, "FOLD_BATCH_ROWS", 3)
+    rng, model = random.Random(5), {}
+    hour = ms("2026-11-20T10:00:00Z")
+    keys = [f"{rng.getrandbits(128):032x}" for _ in range(60)] + ["k1", "ZZ", "0", "f" * 40]
+    await add(engine, model, [BucketIncrement("api", key, region, hour, 2, 1)
+                              for key in keys for region in ("eu", "us")])
+    report = await job(engine).run_once(NOW)
+    assert report.days_folded == 1
+    assert await count(engine, usage_hourly, pending(usage_hourly)) == 0
+    assert await count(engine, usage_daily) == len(keys) * 2
+    assert await check_all(engine, model) == {4, 6}
+
+
+@given(st.text(max_size=6), st.integers(1, 3))
+@settings(max_examples=300, deadline=None)
+def test_key_ranges_partition_every_string(key: str, depth: int) -> None:
+    ranges = [KeyRange()]
+    for _ in range(depth):
+        ranges = [part for r in ranges for part in r.split()]
+    holding = [r for r in ranges if (r.low is None or key >= r.low)
+               and (r.high is None or key < r.high)]
+    assert len(holding) == 1

@@ -23,6 +23,7 @@ from central.usage_store import STREAM_CHUNK
 from sync.messages import UsageBatch, UsageEntry
 from sync.policy import build_policy
 from sync.windows import hour_start
+from tests.support.processes import free_port
 
 TOKEN = "usage-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -207,8 +208,11 @@ async def test_pruned_detail_is_a_422_naming_the_bound_and_totals_survive_a_roll
     fine = {"namespace": "api", "from": "2026-09-03T05:00:00Z", "to": "2026-09-04"}
     assert (await query(client, **fine)).status_code == 200  # type: ignore[arg-type]
 
-    report = await RollupJob.from_settings(service.engine, service.settings).run_once(
-        clock.now)
+    job = RollupJob.from_settings(service.engine, service.settings)
+    try:
+        report = await job.run_once(clock.now)
+    finally:
+        await job.aclose()
     assert report.days_folded > 0 and report.hourly_pruned > 0
     after = [(await query(client, **body)).json() for body in queries]  # type: ignore[arg-type]
     assert after == before
@@ -216,3 +220,21 @@ async def test_pruned_detail_is_a_422_naming_the_bound_and_totals_survive_a_roll
     assert refused.status_code == 422
     assert error_of(refused)["field"] == "from"
     assert "hour-level usage is kept from 2026-10-19" in error_of(refused)["message"]
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/csv"])
+async def test_an_unreachable_ledger_is_a_503_not_a_500(accept: str) -> None:
+    settings = CentralSettings(nats_url="nats://127.0.0.1:1", admin_token=SecretStr(TOKEN),
+                               identifier_secret=SecretStr("usage-test-secret"))
+    port = free_port()  # nothing listens there
+    service = CentralService(settings, database_url=f"postgresql://u@127.0.0.1:{port}/x")
+    try:
+        app = build_central_app(service)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://central") as client:
+            response = await client.post(URL, json={"namespace": "api"},
+                                         headers={**AUTH, "accept": accept})
+        assert response.status_code == 503
+        assert error_of(response)["code"] == "ledger_unavailable"
+    finally:
+        await service.engine.dispose()
