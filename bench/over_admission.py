@@ -22,7 +22,7 @@ lag for the bound. The design's own worst case, flush interval + tick interval (
 plus transit, is shown too. The nodes' `regionlimit_sync_lag_seconds` during the runs (all
 three nodes, under the load) is printed per rate; its tail is inflated once the key is
 denied, because a total whose only change is denied cost carries the as_of of the last
-admission (see docs/sync_bench.md).
+admission (see the README, "Benchmarks").
 
 The plot goes to docs/over_admission.png, the figures to bench/out/over_admission.json.
 """

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
 
 import anyio
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.background import BackgroundTask
 
@@ -27,12 +29,57 @@ from central.usage_query import (
 )
 from central.usage_store import UsageStore
 from region_node.errors import NOT_JSON, ApiError, from_invalid_field
+from region_node.schemas import NAMESPACE_PATTERN, ErrorBody
 from sync.errors import InvalidField
 
 log = logging.getLogger("regionlimit.central")
 MAX_BODY_BYTES = 64 * 1024
-QUERY_EXAMPLE = {"namespace": "api", "identifier": "sk_live_abc123", "from": "2026-11-01",
-                 "to": "2026-12-01", "group_by": ["region", "month"]}
+QUERY_EXAMPLE: dict[str, Any] = {
+    "namespace": "api", "identifier": "sk_live_abc123", "from": "2026-11-01",
+    "to": "2026-12-01", "group_by": ["region", "month"]}
+TIME_DOC = ("ISO date (UTC midnight), ISO datetime (an offset is converted; none means "
+            "UTC) or epoch ms, on a whole hour. Default: the current calendar month.")
+
+
+# Models for the OpenAPI document only: the body is validated by hand (usage_query.py) so
+# that a bad field gets the contract's error shape, naming the field.
+class UsageQueryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": QUERY_EXAMPLE})
+
+    namespace: str = Field(pattern=NAMESPACE_PATTERN)
+    identifier: str | None = Field(default=None, min_length=1, max_length=256,
+                                   description="Raw identifier; hashed on arrival")
+    identifier_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$",
+                                        description="Instead of identifier")
+    from_: str | int | None = Field(default=None, alias="from",
+                                    description=f"Inclusive. {TIME_DOC}")
+    to: str | int | None = Field(default=None, description=f"Exclusive. {TIME_DOC}")
+    group_by: list[Literal["region", "day", "month"]] | None = Field(
+        default=None, description="Any of region, day, month (not day and month)")
+
+
+class UsageRowOut(BaseModel):
+    identifier_hash: str
+    region: str | None = Field(default=None, description="When grouped by region")
+    period: str | None = Field(default=None, description="YYYY-MM or YYYY-MM-DD when grouped "
+                               "by month or day")
+    admitted: int
+    denied: int
+
+
+class UsageOut(BaseModel):
+    namespace: str
+    from_: str = Field(alias="from")
+    to: str
+    rows: list[UsageRowOut]
+
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": UsageOut, "description": "JSON, or CSV (header line, the same columns) "
+          "with Accept: text/csv",
+          "content": {"text/csv": {"schema": {"type": "string"}}}},
+    **{status: {"model": ErrorBody} for status in (400, 401, 413, 422, 503)},
+}
 
 
 def usage_router(service: CentralService) -> APIRouter:
@@ -42,8 +89,8 @@ def usage_router(service: CentralService) -> APIRouter:
     @router.post(
         "/v1/usage/query",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "example": QUERY_EXAMPLE}}}},
-        responses={200: {"content": {"application/json": {}, "text/csv": {}}}},
+            "schema": UsageQueryBody.model_json_schema(by_alias=True)}}}},
+        response_class=Response, responses=RESPONSES,
         summary="Usage per identifier (and region, day or month) for billing",
     )
     async def query_usage(request: Request) -> Response:
