@@ -29,6 +29,7 @@ from sync.subjects import CONFIG
 
 log = logging.getLogger("regionlimit.central")
 LEASE_POLL_S = 1.0
+STOP_STEP_S = 5.0
 
 
 class CentralService:
@@ -87,14 +88,21 @@ class CentralService:
         await self.authority.serve(self.link.nc)
 
     async def stop(self) -> None:
+        """Stop within a bounded time: a shutdown that hangs on a stuck connection would
+        keep an orchestrator (or Ctrl-C) waiting, and leaving early loses nothing, since
+        uncommitted usage is redelivered to the next leader."""
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(Exception):
-            await self.lease.release()
-        await self.link.close()
-        await self.engine.dispose()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_STEP_S)
+            for task in stuck:
+                log.warning("task %s did not stop within %.0fs", task.get_name(), STOP_STEP_S)
+        for name, step in (("lease", self.lease.release), ("nats", self.link.close),
+                           ("database", self.engine.dispose)):
+            try:
+                await asyncio.wait_for(step(), STOP_STEP_S)
+            except Exception as exc:
+                log.warning("stopping %s: %s", name, type(exc).__name__)
 
     async def _lead_forever(self) -> None:
         await self.link.connected.wait()
