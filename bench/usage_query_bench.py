@@ -213,6 +213,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
               label="slowest of the runs")
     right.axhline(TARGET_EXPORT_S, color="#e45756", linestyle="--", label="target")
     right.set_title(f"namespace export, {results[0]['export_rows']:,} rows (s)", fontsize=10)
+    left.set_ylim(0, max(TARGET_P99_MS, *(r["one_key_p99_ms"] for r in results)) * 1.3)
+    right.set_ylim(0, max(TARGET_EXPORT_S, *(max(r["export_s"]) for r in results)) * 1.3)
     for ax in (left, right):
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
