@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Path
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from central.auth import admin_guard
 from central.service import CentralService
 from region_node.errors import ApiError
 from region_node.schemas import DURATION_PATTERN, NAMESPACE_PATTERN, ErrorBody
@@ -31,19 +30,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class NamespaceBody(Strict):
-    limit: int = Field(ge=1)
-    duration: str = Field(pattern=DURATION_PATTERN)
-    algorithm: Algorithm | None = None
-    burst: int | None = Field(default=None, ge=1)
-    mode: Literal["fast", "consistent"] | None = None
-    on_unavailable: Literal["open", "closed"] | None = None
-    timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+class PolicyFields(Strict):
+    """Every policy field, optional: what an override may replace."""
 
-
-class OverrideBody(Strict):
-    identifier: str = Field(min_length=1, max_length=256,
-                            description="Raw identifier; hashed on arrival, never stored")
     limit: int | None = Field(default=None, ge=1)
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
     algorithm: Algorithm | None = None
@@ -51,6 +40,16 @@ class OverrideBody(Strict):
     mode: Literal["fast", "consistent"] | None = None
     on_unavailable: Literal["open", "closed"] | None = None
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+
+
+class NamespaceBody(PolicyFields):
+    limit: int = Field(ge=1)
+    duration: str = Field(pattern=DURATION_PATTERN)
+
+
+class OverrideBody(PolicyFields):
+    identifier: str = Field(min_length=1, max_length=256,
+                            description="Raw identifier; hashed on arrival, never stored")
 
 
 class IdentifierBody(Strict):
@@ -115,8 +114,7 @@ def _not_found(what: str, field: str) -> ApiError:
 
 
 def admin_router(service: CentralService) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(admin_guard(service.admin_token))],
-                       responses=ERRORS)
+    router = APIRouter(responses=ERRORS)
     config = service.config
 
     @router.put("/v1/namespaces/{namespace}", response_model=NamespaceOut)

@@ -63,6 +63,15 @@ def _state_from_row(row: Any, now: int) -> KeyState:
     return state
 
 
+def _state_columns(state: KeyState, now: int) -> dict[str, Any]:
+    """A consistent_keys row's columns other than its key."""
+    policy = state.policy
+    return {**{name: getattr(state, name) for name in KEY_FIELDS},
+            "level": str(state.level), "limit": policy.limit, "burst": policy.burst,
+            "duration": policy.duration.text, "algorithm": policy.algorithm,
+            "updated_at": now}
+
+
 class Authority:
     def __init__(self, engine: AsyncEngine, *, clock: Clock, metrics: CentralMetrics,
                  max_batch: int = MAX_BATCH, lanes: int | None = None) -> None:
@@ -195,18 +204,10 @@ class Authority:
     @staticmethod
     def _fresh_row(key: tuple[str, str], policy: Policy, now: int) -> dict[str, Any]:
         start, end = window_bounds(policy.duration, now)
-        state = KeyState(policy, start, end, now)
         return {"namespace": key[0], "key_hash": key[1],
-                **{name: getattr(state, name) for name in KEY_FIELDS},
-                "level": str(state.level), "limit": policy.limit, "burst": policy.burst,
-                "duration": policy.duration.text, "algorithm": policy.algorithm,
-                "updated_at": now}
+                **_state_columns(KeyState(policy, start, end, now), now)}
 
     @staticmethod
     def _state_row(key: tuple[str, str], state: KeyState, now: int) -> dict[str, Any]:
-        policy = state.policy
-        return {"k_ns": key[0], "k_key": key[1],
-                **{name: getattr(state, name) for name in KEY_FIELDS},
-                "level": str(state.level), "limit": policy.limit, "burst": policy.burst,
-                "duration": policy.duration.text, "algorithm": policy.algorithm,
-                "updated_at": now}
+        # Keys bound as k_*: the UPDATE's WHERE, not columns to set.
+        return {"k_ns": key[0], "k_key": key[1], **_state_columns(state, now)}

@@ -9,13 +9,12 @@ from typing import Any, Literal
 
 import anyio
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.background import BackgroundTask
 
-from central.auth import admin_guard
 from central.service import CentralService
 from central.usage_query import (
     UsageQuery,
@@ -83,7 +82,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def usage_router(service: CentralService) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(admin_guard(service.admin_token))])
+    router = APIRouter()
     store = UsageStore(service.engine)
 
     @router.post(
