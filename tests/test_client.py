@@ -49,6 +49,7 @@ def key() -> str:
 
 def test_allows_up_to_the_limit_then_denies(node: ManagedProcess) -> None:
     identifier = key()
+    before = int(time.time() * 1000)
     with RegionLimitClient(node.url) as client:
         results = [client.check("client", identifier, limit=3, duration="1h") for _ in range(4)]
     assert [r.allowed for r in results] == [True, True, True, False]
@@ -56,7 +57,10 @@ def test_allows_up_to_the_limit_then_denies(node: ManagedProcess) -> None:
     assert all(r.limit == 3 and r.source == "local" and r.mode == "fast" for r in results)
     assert results[0].retry_after_ms is None
     denied = results[3]
-    assert denied.retry_after_ms is not None and 0 < denied.retry_after_ms <= 3_600_000
+    # A sliding window's retry may exceed one duration (three hits early in this hour keep
+    # the weighted count too high until well into the next), never past reset_at.
+    assert denied.retry_after_ms is not None
+    assert 0 < denied.retry_after_ms <= denied.reset_at - before
     assert denied.reset_at > time.time() * 1000
 
 

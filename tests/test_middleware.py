@@ -98,10 +98,11 @@ async def test_n_requests_pass_then_429_and_another_key_is_unaffected(node: Mana
     assert all(int(r.headers["ratelimit-reset"]) > 0 for r in first)
 
     assert denied.status_code == 429
-    assert 1 <= int(denied.headers["retry-after"]) <= 3600
+    # Sliding window: the wait may exceed one duration, never two.
+    assert 1 <= int(denied.headers["retry-after"]) <= 7200
     body = denied.json()
     assert body["error"]["code"] == "rate_limited"
-    assert 0 < body["error"]["retry_after_ms"] <= 3_600_000
+    assert 0 < body["error"]["retry_after_ms"] <= 7_200_000
     assert int(denied.headers["retry-after"]) * 1000 >= body["error"]["retry_after_ms"]
     assert denied.headers["ratelimit-remaining"] == "0"
 
