@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.consistent_bench [--seconds 10] [--rate 500] [--clients 64]
         [--keys 100] [--postgres URL] [--py-spy] [--client raw|httpx]
-        [--what-if-seconds 3] [--json FILE]
+        [--lanes-seconds 3] [--json FILE]
 
 A whole system runs as processes, the product's defaults: its own nats-server (free port,
 temp JetStream store), a throwaway Postgres database (`rl_bench_<hex>`, dropped on exit)
@@ -37,7 +37,8 @@ Also printed: central's `regionlimit_consistent_batch_size` histogram over each 
 (decisions per transaction), the node's `regionlimit_check_duration_seconds` (the node's
 wait for the authority, HTTP excluded), CPU seconds per process per scenario (load
 generator, node, central, nats-server, all Postgres processes), an in-process timing of
-`Authority.decide` per batch size (no NATS, no HTTP: the transaction alone), and with
+one lane's transaction per batch size (no NATS, no HTTP), the same with 1 or 4 lanes
+in flight (and whether the stored counts stay exact), and with
 --py-spy a profile of central during a consistent saturation run.
 
 Everything shares the machine: on a 2-core box the load generator, node, central,
@@ -56,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-from sqlalchemy import event, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from bench._cluster import (
@@ -81,16 +81,11 @@ from bench._cluster import (
     metrics,
     percentile,
 )
-from central.authority import Authority, _state_from_row
-from central.consistent_state import consistent_keys
+from central.consistent_tx import decisions_for
 from central.database import make_engine
-from central.metrics import CentralMetrics
-from region_node.algorithms import ALGORITHMS
-from region_node.algorithms.base import advance
 from region_node.checker import wall_clock_ms
-from sync.messages import ConsistentDecision, ConsistentRequest
+from sync.messages import ConsistentRequest
 from sync.policy import build_policy
-from sync.windows import hour_start, window_bounds
 from tests.support.cluster import admin, metric_value, wait_until
 
 CONSISTENT_NS = "cb"
@@ -383,48 +378,14 @@ def _median(samples: list[float]) -> float:
 
 
 async def authority_alone(database_url: str, repeats: int) -> dict[str, Any]:
-    """The authority's transaction without NATS or HTTP, against the bench database:
-    Authority.decide per batch size, where its time goes statement by statement, and the
-    building blocks (a round trip, a pool checkout with its pre-ping, a commit's WAL
-    flush)."""
+    """The authority's transaction without NATS or HTTP, against the bench database: one
+    lane's decide per batch size, and the building blocks (a round trip, a pool checkout
+    with its pre-ping, a commit's WAL flush)."""
     policy = build_policy(limit=LIMIT, duration="1h", algorithm="fixed_window",
                           mode="consistent", timeout="1s", on_unavailable="closed")
     engine = make_engine(database_url)
-    spent: dict[str, float] = defaultdict(float)
-
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def _before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        conn.info["t0"] = time.perf_counter()
-
-    @event.listens_for(engine.sync_engine, "after_cursor_execute")
-    def _after(conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any,
-               executemany: bool) -> None:
-        words = statement.split()
-        target = words[2] if words[0] in ("INSERT", "UPDATE") and words[1] == "INTO" else (
-            words[1] if words[0] == "UPDATE" else "")
-        label = f"{words[0]} {target}".strip() + (" (executemany)" if executemany else "")
-        if words[0] == "SELECT":
-            label = "SELECT ... FOR UPDATE" if "FOR UPDATE" in statement \
-                else f"SELECT {target}"
-        elif words[0] == "INSERT" and "usage" in statement.split("(")[0]:
-            label = "INSERT usage_hourly ON CONFLICT (usage)"
-        elif words[0] == "INSERT":
-            label = "BEGIN (sent lazily) + INSERT consistent_keys ON CONFLICT DO NOTHING"
-        spent[label] += time.perf_counter() - conn.info.pop("t0", time.perf_counter())
-
-    marks: dict[str, float] = {}
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(_conn: Any) -> None:  # after the pool checkout (and its pre-ping)
-        marks["begin"] = time.perf_counter()
-
-    @event.listens_for(engine.sync_engine, "commit")
-    def _commit(_conn: Any) -> None:  # just before COMMIT goes out
-        marks["commit"] = time.perf_counter()
-
-    authority = Authority(engine, clock=wall_clock_ms, metrics=CentralMetrics("bench"))
+    decider = decisions_for(engine, wall_clock_ms)  # a lane's: one connection, kept
     decide: list[dict[str, Any]] = []
-    anatomy: list[dict[str, Any]] = []
     try:
         for size in (1, 8, 32, 64, 128):
             for label, keys in (("distinct keys", size), ("one key", 1)):
@@ -432,27 +393,16 @@ async def authority_alone(database_url: str, repeats: int) -> dict[str, Any]:
                     continue
                 requests = [ConsistentRequest("alone", f"{i % keys:032x}", 1, policy,
                                               "bench-node", "us") for i in range(size)]
-                await authority.decide(requests)  # rows exist from here on
+                await decider.decide(requests)  # rows exist from here on
                 samples = []
-                spent.clear()
                 for _ in range(repeats):
                     started = time.perf_counter()
-                    await authority.decide(requests)
-                    ended = time.perf_counter()
-                    samples.append((ended - started) * 1000)
-                    spent["pool checkout + pre-ping"] += marks["begin"] - started
-                    spent["COMMIT (WAL flush), connection back to the pool"] += (
-                        ended - marks["commit"])
+                    await decider.decide(requests)
+                    samples.append((time.perf_counter() - started) * 1000)
                 median = _median(samples)
                 decide.append({"batch": size, "keys": label, "median_ms": median,
                                "p90_ms": sorted(samples)[int(len(samples) * 0.9)],
                                "decisions_per_s": size / median * 1000})
-                if label == "distinct keys" and size in (1, 64):
-                    mean_total = sum(samples) / len(samples)
-                    parts = {k: v * 1000 / repeats for k, v in spent.items()}
-                    parts["rest: Python (SQLAlchemy compile, rows, algorithm)"] = (
-                        mean_total - sum(parts.values()))
-                    anatomy.append({"batch": size, "mean_ms": mean_total, "parts_ms": parts})
 
         plain = make_url(database_url).set(drivername="postgresql").render_as_string(
             hide_password=False)
@@ -499,162 +449,56 @@ async def authority_alone(database_url: str, repeats: int) -> dict[str, Any]:
             blocks[f"SQLAlchemy engine.begin() empty (checkout, BEGIN, COMMIT), "
                    f"pool_pre_ping={ping}"] = _median(empty)
     finally:
+        await decider.close()
         await engine.dispose()
-    return {"decide": decide, "anatomy": anatomy, "blocks": blocks}
+    return {"decide": decide, "blocks": blocks}
 
 
-# --- what if: a prototype of the suggested authority transaction ------------------------------
-#
-# NOT product code: a measurement aid for the lead. Same decisions as central.authority
-# (same row locks in key order, same pure algorithms, same rows written, durable before
-# the answer), with fewer round trips: a connection held by the decider (no pool checkout
-# and pre-ping per batch), one SELECT ... FOR UPDATE in the steady state (the INSERT of
-# rows for keys never seen only when some are missing), and the state UPDATE and usage
-# upsert as one statement over unnest() arrays instead of an executemany + a multi-row
-# INSERT.
-
-LOCK_SQL = """
-SELECT k.* FROM consistent_keys AS k
-JOIN unnest(CAST(:ns AS text[]), CAST(:key AS text[])) AS v(ns, key)
-  ON k.namespace = v.ns AND k.key_hash = v.key
-ORDER BY k.namespace, k.key_hash FOR UPDATE OF k"""
-WRITE_SQL = """
-WITH state AS (
-  UPDATE consistent_keys AS k SET cur_start = v.cur_start, cur_end = v.cur_end, cur = v.cur,
-    cur_denied = v.cur_denied, prev = v.prev, level = v.level, level_at = v.level_at,
-    "limit" = v.lim, burst = v.burst, duration = v.duration, algorithm = v.algorithm,
-    updated_at = v.updated_at
-  FROM unnest(CAST(:s_ns AS text[]), CAST(:s_key AS text[]), CAST(:cur_start AS bigint[]),
-              CAST(:cur_end AS bigint[]), CAST(:cur AS bigint[]),
-              CAST(:cur_denied AS bigint[]), CAST(:prev AS bigint[]),
-              CAST(:level AS text[]), CAST(:level_at AS bigint[]), CAST(:lim AS bigint[]),
-              CAST(:burst AS bigint[]), CAST(:duration AS text[]),
-              CAST(:algorithm AS text[]), CAST(:updated_at AS bigint[]))
-       AS v(ns, key, cur_start, cur_end, cur, cur_denied, prev, level, level_at, lim,
-            burst, duration, algorithm, updated_at)
-  WHERE k.namespace = v.ns AND k.key_hash = v.key
-  RETURNING 1)
-INSERT INTO usage_hourly (namespace, key_hash, region, hour_start, admitted, denied)
-SELECT * FROM unnest(CAST(:u_ns AS text[]), CAST(:u_key AS text[]),
-                     CAST(:u_region AS text[]), CAST(:u_hour AS bigint[]),
-                     CAST(:u_admitted AS bigint[]), CAST(:u_denied AS bigint[]))
-ON CONFLICT (namespace, key_hash, region, hour_start) DO UPDATE
-  SET admitted = usage_hourly.admitted + excluded.admitted,
-      denied = usage_hourly.denied + excluded.denied"""
-
-
-class LeanDecider:
-    def __init__(self, engine: Any, clock: Callable[[], int]) -> None:
-        self.engine = engine
-        self.clock = clock
-        self.connection: Any = None
-        self.fresh_row = Authority._fresh_row
-
-    async def decide(self, requests: list[Any]) -> list[Any]:
-        if self.connection is None:
-            self.connection = await self.engine.connect()
-        connection = self.connection
-        now = self.clock()
-        keys = sorted({(r.namespace, r.key_hash) for r in requests})
-        first_policy: dict[tuple[str, str], Any] = {}
-        for r in requests:
-            first_policy.setdefault((r.namespace, r.key_hash), r.policy)
-        async with connection.begin():
-            def lock(wanted: list[tuple[str, str]]) -> Any:
-                return connection.execute(text(LOCK_SQL), {
-                    "ns": [k[0] for k in wanted], "key": [k[1] for k in wanted]})
-            rows = list((await lock(keys)).all())
-            if len(rows) < len(keys):  # keys seen for the first time
-                found = {(row.namespace, row.key_hash) for row in rows}
-                await connection.execute(insert(consistent_keys).on_conflict_do_nothing(), [
-                    self.fresh_row(k, first_policy[k], now) for k in keys if k not in found])
-                rows = list((await lock(keys)).all())
-            states = {(row.namespace, row.key_hash): _state_from_row(row, now)
-                      for row in rows}
-            decisions = []
-            usage: dict[tuple[str, str, str], list[int]] = {}
-            for r in requests:
-                state = states[(r.namespace, r.key_hash)]
-                advance(state, r.policy, now, window_bounds)
-                d = ALGORITHMS[r.policy.algorithm].decide(state, r.policy, now, r.cost)
-                decisions.append(ConsistentDecision(d.allowed, d.remaining, d.reset_at,
-                                                    d.retry_after_ms))
-                counts = usage.setdefault((r.namespace, r.key_hash, r.region), [0, 0])
-                counts[0 if d.allowed else 1] += r.cost
-            items = list(states.items())
-            increments = sorted((k, c) for k, c in usage.items() if c[0] or c[1])
-            await connection.execute(text(WRITE_SQL), {
-                "s_ns": [k[0] for k, _ in items], "s_key": [k[1] for k, _ in items],
-                **{name: [getattr(st, name) for _, st in items]
-                   for name in ("cur_start", "cur_end", "cur", "cur_denied", "prev",
-                                "level_at")},
-                "level": [str(st.level) for _, st in items],
-                "lim": [st.policy.limit for _, st in items],
-                "burst": [st.policy.burst for _, st in items],
-                "duration": [st.policy.duration.text for _, st in items],
-                "algorithm": [st.policy.algorithm for _, st in items],
-                "updated_at": [now] * len(items),
-                "u_ns": [k[0] for k, _ in increments], "u_key": [k[1] for k, _ in increments],
-                "u_region": [k[2] for k, _ in increments],
-                "u_hour": [hour_start(now)] * len(increments),
-                "u_admitted": [c[0] for _, c in increments],
-                "u_denied": [c[1] for _, c in increments]})
-        return decisions
-
-    async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
-
-
-async def what_if(database_url: str, seconds: float) -> list[dict[str, Any]]:
-    """Decisions/s and transaction latency, in process, for today's Authority.decide and
-    the prototype, with 1 or 4 transactions in flight (lanes on disjoint keys)."""
+async def lanes_in_process(database_url: str, seconds: float) -> list[dict[str, Any]]:
+    """Decisions/s and transaction latency of the authority's transaction, in process,
+    with 1 or 4 lanes in flight on disjoint keys; 'exact' = the stored counts equal the
+    decisions made."""
     policy = build_policy(limit=LIMIT, duration="1h", algorithm="fixed_window",
                           mode="consistent", timeout="1s", on_unavailable="closed")
     engine = make_engine(database_url, pool_size=8)
     out = []
     try:
-        for impl in ("today", "prototype"):
-            for lanes in (1, 4):
-                for batch in (1, 16, 64):
-                    namespace = f"whatif-{impl}-{lanes}-{batch}"
-                    deciders: list[Any] = [
-                        Authority(engine, clock=wall_clock_ms, metrics=CentralMetrics("b"))
-                        if impl == "today" else LeanDecider(engine, wall_clock_ms)
-                        for _ in range(lanes)]
-                    tx_ms: list[float] = []
-                    decided = 0
+        for lanes in (1, 4):
+            for batch in (1, 16, 64):
+                namespace = f"lanes-{lanes}-{batch}-{time.time_ns()}"
+                deciders = [decisions_for(engine, wall_clock_ms) for _ in range(lanes)]
+                tx_ms: list[float] = []
+                decided = 0
 
-                    async def lane(index: int, decider: Any, namespace: str = namespace,
-                                   batch: int = batch, tx_ms: list[float] = tx_ms) -> None:
-                        nonlocal decided
-                        requests = [ConsistentRequest(namespace, f"{index:04d}{i:028x}", 1,
-                                                      policy, "bench", "us")
-                                    for i in range(batch)]
-                        await decider.decide(requests)  # create the rows
-                        deadline = time.perf_counter() + seconds
-                        while time.perf_counter() < deadline:
-                            t0 = time.perf_counter()
-                            await decider.decide(requests)
-                            tx_ms.append((time.perf_counter() - t0) * 1000)
-                            decided += batch
+                async def lane(index: int, decider: Any, namespace: str = namespace,
+                               batch: int = batch, tx_ms: list[float] = tx_ms) -> None:
+                    nonlocal decided
+                    requests = [ConsistentRequest(namespace, f"{index:04d}{i:028x}", 1,
+                                                  policy, "bench", "us")
+                                for i in range(batch)]
+                    await decider.decide(requests)  # create the rows
+                    decided += batch
+                    deadline = time.perf_counter() + seconds
+                    while time.perf_counter() < deadline:
+                        t0 = time.perf_counter()
+                        await decider.decide(requests)
+                        tx_ms.append((time.perf_counter() - t0) * 1000)
+                        decided += batch
 
-                    started = time.perf_counter()
-                    await asyncio.gather(*(lane(i, d) for i, d in enumerate(deciders)))
-                    elapsed = time.perf_counter() - started
-                    for decider in deciders:
-                        if isinstance(decider, LeanDecider):
-                            await decider.close()
-                    async with engine.connect() as connection:
-                        stored = (await connection.execute(text(
-                            "SELECT COALESCE(SUM(cur), 0) FROM consistent_keys "
-                            "WHERE namespace = :ns"), {"ns": namespace})).scalar_one()
-                    expected = decided + lanes * batch
-                    out.append({"impl": impl, "lanes": lanes, "batch": batch,
-                                "decisions_per_s": decided / elapsed,
-                                "tx_p50_ms": percentile(tx_ms, 50),
-                                "tx_p99_ms": percentile(tx_ms, 99),
-                                "exact": int(stored) == expected})
+                started = time.perf_counter()
+                await asyncio.gather(*(lane(i, d) for i, d in enumerate(deciders)))
+                elapsed = time.perf_counter() - started
+                for decider in deciders:
+                    await decider.close()
+                async with engine.connect() as connection:
+                    stored = (await connection.execute(text(
+                        "SELECT COALESCE(SUM(cur), 0) FROM consistent_keys "
+                        "WHERE namespace = :ns"), {"ns": namespace})).scalar_one()
+                out.append({"lanes": lanes, "batch": batch,
+                            "decisions_per_s": decided / elapsed,
+                            "tx_p50_ms": percentile(tx_ms, 50),
+                            "tx_p99_ms": percentile(tx_ms, 99),
+                            "exact": int(stored) == decided})
     finally:
         await engine.dispose()
     return out
@@ -716,12 +560,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="saturation concurrency")
     parser.add_argument("--keys", type=int, default=100, help="identifiers (besides the hot one)")
     parser.add_argument("--repeats", type=int, default=200,
-                        help="in-process Authority.decide samples per batch size")
+                        help="in-process transaction samples per batch size")
     parser.add_argument("--py-spy", action="store_true",
                         help="profile central with py-spy during an extra consistent "
                              "saturation run")
-    parser.add_argument("--what-if-seconds", type=float, default=3.0,
-                        help="per configuration of the in-process what-if comparison")
+    parser.add_argument("--lanes-seconds", type=float, default=3.0,
+                        help="per configuration of the in-process lanes measurement")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="load generator HTTP client (see the module doc)")
     parser.add_argument("--json", type=Path, default=None,
@@ -770,7 +614,7 @@ def main() -> None:
                     rows.append(row)
                     print_row(row)
 
-        print("\nAuthority.decide in process (the transaction alone: no NATS, no HTTP), "
+        print("\none lane's transaction in process (no NATS, no HTTP), "
               "system otherwise idle:")
         alone = run_async(lambda: authority_alone(
             bench.cluster.database_url, args.repeats))  # type: ignore[union-attr]
@@ -778,24 +622,17 @@ def main() -> None:
             print(f"  batch {a['batch']:>3} {a['keys']:<13} median {a['median_ms']:6.2f} ms  "
                   f"p90 {a['p90_ms']:6.2f} ms  -> {a['decisions_per_s']:8.0f} decisions/s "
                   f"back to back")
-        for a in alone["anatomy"]:
-            print(f"  where a batch of {a['batch']} distinct keys spends its "
-                  f"{a['mean_ms']:.2f} ms (mean):")
-            for part, ms in a["parts_ms"].items():
-                print(f"    {ms:6.2f} ms  {part}")
         print("  building blocks (median):")
         for part, ms in alone["blocks"].items():
             print(f"    {ms:6.2f} ms  {part}")
 
-        print(f"\nwhat if (in process, {args.what_if_seconds:.0f} s each): today's "
-              "Authority.decide against the prototype transaction in this file (held "
-              "connection, one SELECT ... FOR UPDATE, state UPDATE + usage upsert in one "
-              "unnest() statement), with 1 or 4 transactions in flight on disjoint keys; "
-              "'exact' = the stored counts equal the decisions made:")
-        whatif = run_async(lambda: what_if(bench.cluster.database_url,  # type: ignore[union-attr]
-                                           args.what_if_seconds))
-        for w in whatif:
-            print(f"  {w['impl']:<9} lanes {w['lanes']} batch {w['batch']:>3}: "
+        print(f"\nthe authority's transaction in process ({args.lanes_seconds:.0f} s each), "
+              "1 or 4 lanes in flight on disjoint keys; 'exact' = the stored counts equal "
+              "the decisions made:")
+        lanes = run_async(lambda: lanes_in_process(
+            bench.cluster.database_url, args.lanes_seconds))  # type: ignore[union-attr]
+        for w in lanes:
+            print(f"  lanes {w['lanes']} batch {w['batch']:>3}: "
                   f"{w['decisions_per_s']:7.0f} decisions/s  tx p50 {w['tx_p50_ms']:6.2f} ms  "
                   f"p99 {w['tx_p99_ms']:6.2f} ms  exact {w['exact']}")
 
@@ -814,7 +651,7 @@ def main() -> None:
         return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine(), "cores": cores, "rows": rows,
-                                     "authority_alone": alone, "what_if": whatif,
+                                     "authority_alone": alone, "lanes": lanes,
                                      "profile": profile,
                                      "verdicts": verdicts}, indent=2, default=str))
     print(f"results: {args.json}")
