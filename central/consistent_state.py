@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import BigInteger, Table, Text
+from sqlalchemy import BigInteger, Delete, Table, Text, delete, func, or_
 from sqlalchemy.orm import Mapped, mapped_column
 
 from central.models import Base
@@ -34,3 +34,18 @@ class ConsistentKey(Base):
 
 
 consistent_keys = cast(Table, ConsistentKey.__table__)
+
+
+def idle_keys_delete(*, now: int, updated_before: int) -> Delete:
+    """Delete keys whose state can no longer change a decision, untouched since
+    ``updated_before``: a deleted key starts again from a fresh row, which for them is
+    the same thing. Idle means both windows a sliding window weighs have ended, and a
+    token bucket has had time to refill from empty (capacity / limit durations, rounded
+    up). A lane that locks a key first keeps it: its update moves ``updated_at``."""
+    c = consistent_keys.c
+    span = c.cur_end - c.cur_start
+    refill_spans = (func.coalesce(c.burst, c.limit) + c.limit - 1) / c.limit
+    return delete(consistent_keys).where(
+        c.updated_at < updated_before,
+        c.cur_end + span <= now,
+        or_(c.algorithm != "token_bucket", c.level_at + refill_spans * span <= now))

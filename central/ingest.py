@@ -204,11 +204,14 @@ class LeaderIngest:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             now = self._clock()
             self._totals.prune(now)
+            retained = now - self._totals.retention_ms
             try:
-                pruned = await self._ledger.prune_components(
-                    window_end_before=now - self._totals.retention_ms)
+                pruned = await self._ledger.prune_components(window_end_before=retained)
+                idle = await self._ledger.prune_consistent_keys(
+                    now=now, updated_before=retained)
             except Exception as exc:
                 log.warning("pruning failed (%s)", type(exc).__name__)
                 continue
-            if pruned:
-                log.info("pruned %d expired components", pruned)
+            if pruned or idle:
+                log.info("pruned %d expired components and %d idle consistent keys",
+                         pruned, idle)

@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, Insert, and_, case, delete, func, or_, sel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from central.consistent_state import idle_keys_delete
 from central.leadership import LeaderLease
 from central.models import components, usage_hourly
 
@@ -128,6 +129,13 @@ class LedgerStore:
             result = await connection.execute(
                 delete(components).where(components.c.window_end < window_end_before)
             )
+            return int(result.rowcount)
+
+    async def prune_consistent_keys(self, *, now: int, updated_before: int) -> int:
+        """Delete consistent-mode keys gone idle (central/consistent_state.py)."""
+        async with self._write_transaction() as connection:
+            result = await connection.execute(
+                idle_keys_delete(now=now, updated_before=updated_before))
             return int(result.rowcount)
 
     async def usage_totals(

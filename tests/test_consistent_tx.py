@@ -17,6 +17,7 @@ from central.consistent_tx import (
     decisions_for,
 )
 from central.database import make_engine
+from central.ledger import LedgerStore
 from central.migrate import run_migrations
 from sync.messages import ConsistentDecision, ConsistentRequest
 from sync.policy import Policy, build_policy
@@ -164,3 +165,38 @@ async def test_a_broken_connection_fails_one_batch_and_the_next_reconnects(
         await engine.dispose()
     # The failed batch wrote nothing: 1 before, 1 after.
     assert after.allowed and after.remaining == 8
+
+
+async def test_idle_keys_are_pruned_and_decide_as_before(engine: AsyncEngine) -> None:
+    # Each key used at T0, then asked about well after the retention: a key is deleted
+    # only when its row can no longer change a decision, so a fresh row decides the same.
+    clock, day = Clock(), 24 * HOUR
+    keys = {
+        "fixed-hour": policy(3),
+        "sliding-hour": policy(3, "sliding_window"),
+        "month": policy(3, duration="month"),
+        "bucket-fast": policy(3, "token_bucket", "1h"),
+        # 1,000 tokens at 1 per day: 1,000 days to refill, so kept long after the rest.
+        "bucket-slow": build_policy(limit=1, duration="1d", algorithm="token_bucket",
+                                    burst=1000, mode="consistent"),
+    }
+    transactions = decisions_for(engine, clock)
+    ledger = LedgerStore(engine)
+    try:
+        await transactions.decide([request(k, p, cost=3 if p.limit == 3 else 999)
+                                   for k, p in keys.items()])
+        retention = 7 * day
+        early = T0 + 2 * HOUR  # windows over, but inside the retention
+        assert await ledger.prune_consistent_keys(now=early,
+                                                  updated_before=early - retention) == 0
+        clock.now = late = T0 + 40 * day
+        assert await ledger.prune_consistent_keys(now=late,
+                                                  updated_before=late - retention) == 4
+        assert await stored(engine, "SELECT key_hash FROM consistent_keys") == [
+            ("bucket-slow",)]
+        again = await transactions.decide([request(k, p) for k, p in keys.items()])
+    finally:
+        await transactions.close()
+    # The pruned keys start full; the slow bucket has refilled 40 of its 999 tokens.
+    assert [(d.allowed, d.remaining) for d in again] == [
+        (True, 2), (True, 2), (True, 2), (True, 2), (True, 1000 - 999 + 40 - 1)]
