@@ -83,7 +83,7 @@ from bench._cluster import (
 )
 from central.consistent_tx import decisions_for
 from central.database import make_engine
-from region_node.checker import wall_clock_ms
+from sync.clock import wall_clock_ms
 from sync.messages import ConsistentRequest
 from sync.policy import build_policy
 from tests.support.cluster import admin, metric_value, wait_until

@@ -46,11 +46,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from region_node.checker import wall_clock_ms  # noqa: E402
 from region_node.counters import CounterStore  # noqa: E402
-from region_node.identifiers import IdentifierHasher  # noqa: E402
 from region_node.node import RegionNode  # noqa: E402
 from region_node.settings import NodeSettings  # noqa: E402
+from sync.clock import wall_clock_ms  # noqa: E402
+from sync.identifiers import IdentifierHasher  # noqa: E402
 from sync.policy import build_policy  # noqa: E402
 from tests.support.processes import (  # noqa: E402
     TEST_SECRET,
@@ -172,7 +172,7 @@ def bench_inproc(n: int, profile: bool) -> dict[str, dict[str, float]]:
 RAW_SERVER = """
 import sys
 import uvicorn
-from region_node.server import uvicorn_config
+from sync.serving import uvicorn_config
 
 BODY = (b'{"allowed":true,"limit":1000000000,"remaining":999999999,'
         b'"reset_at":1800000000000,"retry_after_ms":null,"mode":"fast","source":"local"}')
@@ -442,7 +442,7 @@ def profile_http(tool: str, seconds: int) -> None:
     import uvicorn
 
     from region_node.app import build_app
-    from region_node.server import uvicorn_config
+    from sync.serving import uvicorn_config
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"

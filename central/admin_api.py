@@ -13,10 +13,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from central.service import CentralService
-from region_node.errors import ApiError
-from region_node.schemas import DURATION_PATTERN, NAMESPACE_PATTERN, ErrorBody
+from sync.api_errors import ApiError, ErrorBody
 from sync.errors import InvalidField
-from sync.policy import build_policy
+from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN, build_policy
 
 HASH_PATTERN = r"^[0-9a-f]{32}$"
 NamespaceName = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]

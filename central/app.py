@@ -14,7 +14,7 @@ from central.auth import AdminAuth
 from central.json_bodies import JsonBodies
 from central.service import CentralService
 from central.usage_api import usage_router
-from region_node.http_errors import install_error_handlers
+from sync.http_errors import install_error_handlers
 
 
 def build_central_app(service: CentralService) -> FastAPI:

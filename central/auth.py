@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from region_node.errors import ApiError
+from sync.api_errors import ApiError
 
 
 class AdminAuth:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from region_node.algorithms import ALGORITHMS
-from region_node.algorithms.base import KeyState, advance
+from sync.algorithms import ALGORITHMS
+from sync.algorithms.base import KeyState, advance
 from sync.messages import ConsistentDecision, ConsistentRequest
 from sync.policy import Policy, build_policy
 from sync.windows import hour_start, window_bounds

@@ -57,7 +57,7 @@ from central.models import usage_daily, usage_hourly, usage_monthly, usage_reten
 from central.settings import CentralSettings
 from central.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
 from central.usage_store import Retention, pending, read_retention
-from region_node.settings import setting_ms
+from sync.durations import setting_ms
 
 log = logging.getLogger("regionlimit.central.rollups")
 

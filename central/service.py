@@ -21,9 +21,9 @@ from central.metrics import CentralMetrics
 from central.rollups import RollupJob
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
-from region_node.checker import Clock, wall_clock_ms
-from region_node.identifiers import IdentifierHasher
+from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsLink, NatsOptions
+from sync.identifiers import IdentifierHasher
 from sync.messages import ConfigUpdate, encode_config
 from sync.subjects import CONFIG
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from region_node.settings import check_interval, setting_ms
+from sync.durations import check_interval, setting_ms
 
 
 class CentralSettings(BaseSettings):

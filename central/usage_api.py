@@ -27,9 +27,9 @@ from central.usage_query import (
     wants_csv,
 )
 from central.usage_store import UsageStore
-from region_node.errors import NOT_JSON, ApiError, from_invalid_field
-from region_node.schemas import NAMESPACE_PATTERN, ErrorBody
+from sync.api_errors import NOT_JSON, ApiError, ErrorBody, from_invalid_field
 from sync.errors import InvalidField
+from sync.policy import NAMESPACE_PATTERN
 
 log = logging.getLogger("regionlimit.central")
 MAX_BODY_BYTES = 64 * 1024

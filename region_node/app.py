@@ -10,18 +10,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from region_node.errors import ApiError
 from region_node.http import check_route, read_body
-from region_node.http_errors import error_response, install_error_handlers
 from region_node.node import RegionNode
 from region_node.schemas import (
     BatchRequest,
     BatchResponse,
     CheckRequest,
     CheckResult,
-    ErrorBody,
     Readiness,
 )
+from sync.api_errors import ApiError, ErrorBody
+from sync.http_errors import error_response, install_error_handlers
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}

@@ -8,28 +8,24 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from region_node.counters import CounterStore
-from region_node.errors import ApiError, UnknownNamespace, from_invalid_field
-from region_node.identifiers import IdentifierHasher
 from region_node.metrics import NodeMetrics
 from region_node.policies import INLINE_LABEL, InlineFields, PolicyResolver
+from sync.api_errors import ApiError, UnknownNamespace, from_invalid_field
+from sync.clock import Clock, wall_clock_ms
 from sync.errors import InvalidField
+from sync.identifiers import IdentifierHasher
 from sync.policy import Policy
 
-Clock = Callable[[], int]
 Result = dict[str, Any]
 NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_IDENTIFIER_BYTES = 256
 _VALID_CACHE_MAX = 10_000  # names that passed validation (bounded: inline names are free)
 INLINE_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
                  "timeout")
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Authority(Protocol):

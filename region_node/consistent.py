@@ -8,9 +8,10 @@ from typing import Any
 
 import nats.errors
 
-from region_node.checker import Clock, Result
+from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
+from sync.clock import Clock
 from sync.connection import NatsLink
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (

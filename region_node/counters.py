@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from region_node.algorithms import ALGORITHMS
-from region_node.algorithms.base import (
+from sync.algorithms import ALGORITHMS
+from sync.algorithms.base import (
     CUR_DIRTY,
     PREV_DIRTY,
     Decision,

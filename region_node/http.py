@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from region_node.checker import Checker, Result
-from region_node.errors import NOT_JSON, UNAUTHORIZED, ApiError
+from sync.api_errors import NOT_JSON, UNAUTHORIZED, ApiError
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_BATCH = 1000

@@ -9,17 +9,18 @@ import secrets
 import socket
 from typing import Any
 
-from region_node.checker import Checker, Clock, wall_clock_ms
+from region_node.checker import Checker
 from region_node.consistent import ConsistentClient
 from region_node.counters import CounterStore
 from region_node.http import CheckEndpoints
-from region_node.identifiers import IdentifierHasher
 from region_node.metrics import NodeMetrics
 from region_node.policies import PolicyResolver
 from region_node.policy_file import load_policy_file
 from region_node.settings import NodeSettings
 from region_node.sync_loop import NodeSync
+from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsOptions
+from sync.identifiers import IdentifierHasher
 
 log = logging.getLogger("regionlimit.node")
 EVICTION_INTERVAL_S = 1.0

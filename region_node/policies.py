@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from region_node.errors import ApiError, UnknownNamespace
+from sync.api_errors import ApiError, UnknownNamespace
 from sync.policy import Policy, build_policy
 
 InlineFields = tuple[object, object, object, object, object, object, object]

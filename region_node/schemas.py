@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-DURATION_PATTERN = r"^([1-9][0-9]{0,10}(ms|s|m|h|d)|month)$"
+from sync.api_errors import ErrorBody
+from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN
 
 
 class CheckRequest(BaseModel):
@@ -34,16 +34,6 @@ class CheckResult(BaseModel):
     retry_after_ms: int | None = Field(description="null when allowed, else > 0")
     mode: Literal["fast", "consistent"]
     source: Literal["local", "authority", "fallback"]
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    field: str | None = None
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
 
 
 class BatchRequest(BaseModel):

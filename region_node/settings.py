@@ -7,24 +7,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sync.durations import parse_duration
+from sync.durations import check_interval, setting_ms
 
 REGION_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
-
-
-MAX_SETTING_MS = 100 * 366 * 86_400_000  # retention may be years; windows may not
-
-
-def setting_ms(value: str) -> int:
-    """Milliseconds of a duration setting (intervals, timeouts, retentions)."""
-    return parse_duration(value, field="interval", max_ms=MAX_SETTING_MS).ms
-
-
-def check_interval(value: str) -> str:
-    duration = parse_duration(value, field="interval", max_ms=MAX_SETTING_MS)
-    if duration.is_month:
-        raise ValueError("an interval cannot be 'month'")
-    return value
 
 
 class NodeSettings(BaseSettings):

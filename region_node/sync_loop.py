@@ -11,11 +11,11 @@ from pathlib import Path
 import nats.errors
 from nats.js import JetStreamContext
 
-from region_node.checker import Clock
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
 from region_node.policies import NamespaceConfig, PolicyResolver
 from region_node.spill import read_spill, write_spill
+from sync.clock import Clock
 from sync.connection import NatsLink, NatsOptions
 from sync.listener import StateListener
 from sync.messages import ConfigUpdate, TotalsUpdate, UsageBatch, encode_usage

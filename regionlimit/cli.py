@@ -57,8 +57,8 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 
 def cmd_hash(args: argparse.Namespace) -> None:
-    from region_node.identifiers import IdentifierHasher
     from region_node.settings import NodeSettings
+    from sync.identifiers import IdentifierHasher
 
     secret = NodeSettings().identifier_secret
     if secret is None:

@@ -49,3 +49,18 @@ def format_ms(ms: int) -> str:
         if ms % size == 0:
             return f"{ms // size}{unit}"
     return f"{ms}ms"
+
+
+MAX_SETTING_MS = 100 * 366 * 86_400_000  # retention may be years; windows may not
+
+
+def setting_ms(value: str) -> int:
+    """Milliseconds of a duration setting (intervals, timeouts, retentions)."""
+    return parse_duration(value, field="interval", max_ms=MAX_SETTING_MS).ms
+
+
+def check_interval(value: str) -> str:
+    duration = parse_duration(value, field="interval", max_ms=MAX_SETTING_MS)
+    if duration.is_month:
+        raise ValueError("an interval cannot be 'month'")
+    return value

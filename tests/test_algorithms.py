@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from region_node.algorithms import ALGORITHMS
-from region_node.algorithms.base import Decision, KeyState
 from region_node.counters import CounterStore
+from sync.algorithms import ALGORITHMS
+from sync.algorithms.base import Decision, KeyState
 from sync.errors import InvalidField
 from sync.policy import Policy, build_policy
 from sync.windows import window_bounds

@@ -338,7 +338,7 @@ def test_huge_window_start_with_fixed_length_is_rejected() -> None:
 
 def test_a_newer_duration_at_the_same_start_takes_over_the_window() -> None:
     # A node whose policy changes from 1m to 1h at a shared window start carries its
-    # count over (region_node.algorithms.base.advance), so it reports 5 + 3 = 8.
+    # count over (sync.algorithms.base.advance), so it reports 5 + 3 = 8.
     start = start_of(FIXED)  # an hour start is also a minute start
     minute = build_policy(limit=100, duration="1m", algorithm="fixed_window")
     hourly = build_policy(limit=4, duration="1h", algorithm="fixed_window")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,18 @@ def test_ruff() -> None:
 def test_mypy_strict() -> None:
     result = run(str(BIN / "mypy"), "region_node", "sync", "central", "regionlimit")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_central_and_sync_never_import_region_node() -> None:
+    # DESIGN.md: region_node -> sync <- central. An import (even a lazy one inside a
+    # function) of region_node from central/ or sync/, or of central from sync/, fails.
+    wrong: list[str] = []
+    for package, forbidden in (("central", ("region_node",)),
+                               ("sync", ("region_node", "central"))):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                          for name in names if name.split(".")[0] in forbidden]
+    assert wrong == []

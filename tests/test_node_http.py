@@ -16,9 +16,9 @@ import orjson
 import pytest
 
 from region_node.app import build_app
-from region_node.identifiers import IdentifierHasher
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
+from sync.identifiers import IdentifierHasher
 
 SECRET = "s"
 HASHER = IdentifierHasher(SECRET)

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from region_node.identifiers import IdentifierHasher
+from sync.identifiers import IdentifierHasher
 from tests.support.processes import (
     TEST_SECRET,
     ManagedProcess,

@@ -21,9 +21,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from region_node.app import build_app
-from region_node.identifiers import IdentifierHasher
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
+from sync.identifiers import IdentifierHasher
 
 MAX_EXAMPLES = 50
 SECRET = "s"

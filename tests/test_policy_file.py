@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from region_node.errors import ApiError, UnknownNamespace
-from region_node.identifiers import IdentifierHasher
 from region_node.policies import NamespaceConfig, PolicyResolver
 from region_node.policy_file import PolicyFileError, load_policy_file, parse_policy_document
+from sync.api_errors import ApiError, UnknownNamespace
+from sync.identifiers import IdentifierHasher
 from sync.policy import build_policy
 
 HASHER = IdentifierHasher("s")

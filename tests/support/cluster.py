@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from central.database import make_engine
 from central.migrate import run_migrations
-from region_node.identifiers import IdentifierHasher
+from sync.identifiers import IdentifierHasher
 from tests.support.nats_server import NatsServer
 from tests.support.processes import (
     TEST_SECRET,

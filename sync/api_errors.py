@@ -1,10 +1,12 @@
-"""Errors the region node answers to clients, each with its HTTP status and the field at fault."""
+"""The HTTP error shape of both APIs (API.md): errors with their status and the field at
+fault, and the pydantic model that documents the body in OpenAPI."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 from sync.errors import InvalidField, RegionLimitError
 
@@ -42,3 +44,13 @@ def from_invalid_field(exc: InvalidField) -> ApiError:
 
 NOT_JSON = ApiError(400, "invalid_json", "request body is not valid JSON")
 UNAUTHORIZED = ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    field: str | None = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

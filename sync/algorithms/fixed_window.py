@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny, new_decision
+from sync.algorithms.base import Decision, KeyState, deny, new_decision
 from sync.policy import Policy
 
 

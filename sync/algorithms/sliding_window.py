@@ -3,7 +3,7 @@ still inside the span. All arithmetic is scaled by the window length, so it is e
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny, new_decision
+from sync.algorithms.base import Decision, KeyState, deny, new_decision
 from sync.policy import Policy
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Algorithm, Decision
-from region_node.algorithms.fixed_window import FixedWindow
-from region_node.algorithms.sliding_window import SlidingWindow
-from region_node.algorithms.token_bucket import TokenBucket
+from sync.algorithms.base import Algorithm, Decision
+from sync.algorithms.fixed_window import FixedWindow
+from sync.algorithms.sliding_window import SlidingWindow
+from sync.algorithms.token_bucket import TokenBucket
 
 ALGORITHMS: dict[str, Algorithm] = {
     "fixed_window": FixedWindow(),

@@ -6,7 +6,7 @@ admitted by other nodes is debited when central reports it; the level may go neg
 
 from __future__ import annotations
 
-from region_node.algorithms.base import Decision, KeyState, deny, new_decision, refill
+from sync.algorithms.base import Decision, KeyState, deny, new_decision, refill
 from sync.policy import Policy
 
 

@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from region_node.errors import ApiError
+from sync.api_errors import ApiError
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> Response:
