@@ -61,11 +61,36 @@ def first_policies(requests: Sequence[ConsistentRequest]) -> dict[KeyId, Policy]
     return dict(sorted(first.items()))
 
 
-def fresh_row(key: KeyId, policy: Policy, now: int) -> dict[str, Any]:
-    """The row of a key the authority has never seen: nothing used yet."""
+# (namespace, key hash, window start) -> admitted cost the ledger's components hold
+WindowUsage = dict[tuple[str, str, int], int]
+
+
+def seed_starts(policy: Policy, now: int) -> list[int]:
+    """Window starts whose fast-mode usage a new key's row starts from: the current
+    window, and for a sliding window the one before. A token bucket starts full: its
+    windows say how much was used, not when, so not how much has refilled since."""
+    if policy.algorithm == "token_bucket":
+        return []
+    start, _ = window_bounds(policy.duration, now)
+    if policy.algorithm == "sliding_window":
+        return [start, start - policy.duration.ms]
+    return [start]
+
+
+def fresh_row(key: KeyId, policy: Policy, now: int, used: WindowUsage | None = None
+              ) -> dict[str, Any]:
+    """The row of a key the authority has never seen (or pruned as idle), counting what
+    fast mode admitted in its windows: a namespace switched to consistent mode mid-window
+    keeps the usage it had."""
     start, end = window_bounds(policy.duration, now)
-    return {"namespace": key[0], "key_hash": key[1],
-            **state_columns(KeyState(policy, start, end, now), now)}
+    state = KeyState(policy, start, end, now)
+    if used:
+        starts = seed_starts(policy, now)
+        if starts:
+            state.cur = used.get((*key, starts[0]), 0)
+        if len(starts) > 1:
+            state.prev = used.get((*key, starts[1]), 0)
+    return {"namespace": key[0], "key_hash": key[1], **state_columns(state, now)}
 
 
 def decide_batch(requests: Sequence[ConsistentRequest], states: dict[KeyId, KeyState],

@@ -9,7 +9,9 @@ the same transaction through SQLAlchemy, for SQLite (`regionlimit dev`).
 
 Rows are locked in key order, so lanes and replicas never deadlock. A key seen for the
 first time gets its row in a short transaction of its own before the locking one, so no
-transaction ever inserts while holding locks out of key order.
+transaction ever inserts while holding locks out of key order. That row starts from the
+fast-mode usage the ledger's components hold for its windows (read outside the locking
+transaction: a commit interval behind at most).
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, select, tuple_
+from sqlalchemy import bindparam, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from central.consistent_decide import (
     STATE_FIELDS,
     BatchOutcome,
+    KeyId,
+    WindowUsage,
     decide_batch,
     first_policies,
     fresh_row,
+    seed_starts,
     state_columns,
     state_from_row,
 )
 from central.consistent_state import consistent_keys
 from central.ledger import bucket_upsert
+from central.models import components
 from sync.messages import ConsistentDecision, ConsistentRequest
+from sync.policy import Policy
 
 Clock = Callable[[], int]
 
@@ -75,6 +82,20 @@ SELECT * FROM unnest(${_USAGE_ARGS}::text[], ${_USAGE_ARGS + 1}::text[],
 ON CONFLICT (namespace, key_hash, region, hour_start) DO UPDATE
   SET admitted = usage_hourly.admitted + excluded.admitted,
       denied = usage_hourly.denied + excluded.denied"""
+
+
+WINDOW_USAGE_SQL = """
+SELECT c.namespace, c.key_hash, c.window_start, SUM(c.admitted)::bigint AS admitted
+FROM components AS c
+JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS v(namespace, key_hash, window_start)
+  ON c.namespace = v.namespace AND c.key_hash = v.key_hash
+ AND c.window_start = v.window_start
+GROUP BY c.namespace, c.key_hash, c.window_start"""
+
+
+def _seed_windows(policies: dict[KeyId, Policy], now: int) -> list[tuple[str, str, int]]:
+    return [(*key, start) for key, policy in policies.items()
+            for start in seed_starts(policy, now)]
 
 
 class DecisionTransactions(Protocol):
@@ -141,13 +162,22 @@ class PostgresDecisions(_HeldConnection):
                         await driver.execute(WRITE_SQL, *_write_arguments(outcome, now))
                         return outcome.decisions
                 found = {(r["namespace"], r["key_hash"]) for r in rows}
+                missing = {k: p for k, p in policies.items() if k not in found}
+                used = await _window_usage(driver, _seed_windows(missing, now))
                 await driver.execute(CREATE_SQL, *_key_arrays(
-                    [fresh_row(key, policy, now) for key, policy in policies.items()
-                     if key not in found]))
+                    [fresh_row(key, policy, now, used) for key, policy in missing.items()]))
             raise RuntimeError("consistent_keys rows missing right after their insert")
         except BaseException:
             await self.close()  # its transaction state is unknown
             raise
+
+
+async def _window_usage(driver: Any, windows: list[tuple[str, str, int]]) -> WindowUsage:
+    if not windows:
+        return {}
+    rows = await driver.fetch(WINDOW_USAGE_SQL, [w[0] for w in windows],
+                              [w[1] for w in windows], [w[2] for w in windows])
+    return {(r["namespace"], r["key_hash"], r["window_start"]): r["admitted"] for r in rows}
 
 
 def _write_arguments(outcome: BatchOutcome, now: int) -> list[list[Any]]:
@@ -172,19 +202,41 @@ class SqlDecisions(_HeldConnection):
                      ) -> list[ConsistentDecision]:
         try:
             connection = await self.held()
+            now = self._clock()
+            policies = first_policies(requests)
             async with connection.begin():
-                return await self._decide_on(connection, requests)
+                used = await self._new_keys_usage(connection, policies, now)
+            async with connection.begin():
+                return await self._decide_on(connection, requests, policies, used, now)
         except BaseException:
             await self.close()
             raise
 
+    @staticmethod
+    async def _new_keys_usage(connection: AsyncConnection, policies: dict[KeyId, Policy],
+                              now: int) -> WindowUsage:
+        """Fast-mode usage in the windows of the keys that have no row yet."""
+        table, c = consistent_keys, components.c
+        found = set((await connection.execute(
+            select(table.c.namespace, table.c.key_hash)
+            .where(tuple_(table.c.namespace, table.c.key_hash).in_(list(policies))))).all())
+        windows = _seed_windows({k: p for k, p in policies.items() if k not in found}, now)
+        if not windows:
+            return {}
+        rows = await connection.execute(
+            select(c.namespace, c.key_hash, c.window_start, func.sum(c.admitted))
+            .where(tuple_(c.namespace, c.key_hash, c.window_start).in_(windows))
+            .group_by(c.namespace, c.key_hash, c.window_start))
+        return {(ns, key, start): int(admitted) for ns, key, start, admitted in rows}
+
     async def _decide_on(self, connection: AsyncConnection,
-                         requests: Sequence[ConsistentRequest]) -> list[ConsistentDecision]:
-        now = self._clock()
-        policies = first_policies(requests)
+                         requests: Sequence[ConsistentRequest], policies: dict[KeyId, Policy],
+                         used: WindowUsage, now: int) -> list[ConsistentDecision]:
         table = consistent_keys
+        # Always an INSERT first: on SQLite it takes the write lock at once, so the
+        # transaction never has to upgrade a read lock (which can fail without waiting).
         await connection.execute(self._insert(table).on_conflict_do_nothing(), [
-            fresh_row(key, policy, now) for key, policy in policies.items()])
+            fresh_row(key, policy, now, used) for key, policy in policies.items()])
         rows = (await connection.execute(
             select(table).where(tuple_(table.c.namespace, table.c.key_hash).in_(list(policies)))
             .order_by(table.c.namespace, table.c.key_hash).with_for_update())).all()

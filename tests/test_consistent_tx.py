@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.consistent_tx import (
@@ -19,6 +19,7 @@ from central.consistent_tx import (
 from central.database import make_engine
 from central.ledger import LedgerStore
 from central.migrate import run_migrations
+from central.models import components
 from sync.messages import ConsistentDecision, ConsistentRequest
 from sync.policy import Policy, build_policy
 
@@ -200,3 +201,32 @@ async def test_idle_keys_are_pruned_and_decide_as_before(engine: AsyncEngine) ->
     # The pruned keys start full; the slow bucket has refilled 40 of its 999 tokens.
     assert [(d.allowed, d.remaining) for d in again] == [
         (True, 2), (True, 2), (True, 2), (True, 2), (True, 1000 - 999 + 40 - 1)]
+
+
+async def test_a_new_key_starts_from_the_fast_mode_usage_of_its_windows(
+        engine: AsyncEngine) -> None:
+    # A namespace switched from fast to consistent mid-window: two nodes admitted 3 + 4
+    # this hour (and 8 the hour before), as the ledger's components hold it.
+    hour = T0 - T0 % HOUR
+    fixed, sliding = policy(10), policy(10, "sliding_window")
+    bucket = policy(10, "token_bucket")
+    rows = [{"namespace": "ns", "key_hash": key, "window_start": start, "node_id": node,
+             "region": "us", "window_end": start + HOUR, "admitted": admitted, "denied": 0,
+             "limit": 10, "duration": "1h", "algorithm": "fixed_window", "burst": None,
+             "updated_at": T0}
+            for key in ("fixed", "sliding", "bucket")
+            for start, node, admitted in ((hour, "a", 3), (hour, "b", 4), (hour - HOUR, "a", 8))]
+    rows.append({**rows[0], "namespace": "other"})  # another namespace's usage: not counted
+    async with engine.begin() as connection:
+        await connection.execute(insert(components), rows)
+    transactions = decisions_for(engine, Clock())
+    try:
+        decisions = await transactions.decide([
+            request("fixed", fixed, cost=3), request("fixed", fixed),
+            request("sliding", sliding), request("bucket", bucket, cost=10)])
+    finally:
+        await transactions.close()
+    # fixed: 7 used, 3 more fit, the 11th does not. sliding, 10 minutes into the hour:
+    # 7 + 8 x 50/60 = 13.7 > 10, denied. token bucket: starts full.
+    assert [(d.allowed, d.remaining) for d in decisions] == [
+        (True, 0), (False, 0), (False, 0), (True, 0)]
