@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import nats.errors
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.consistent_tx import DecisionTransactions, decisions_for
 from central.metrics import CentralMetrics
+from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
     ConsistentDecision,
@@ -33,7 +34,6 @@ from sync.messages import (
 from sync.subjects import CONSISTENT, CONSISTENT_QUEUE
 
 log = logging.getLogger("regionlimit.authority")
-Clock = Callable[[], int]
 MAX_BATCH = 500
 LANES = 4  # per replica; each holds one database connection
 
@@ -95,7 +95,9 @@ class Authority:
                       ) -> None:
         decisions: Sequence[ConsistentDecision | None]
         try:
-            decisions = await self._decide_counted(transactions, [p.request for p in batch])
+            decisions = await transactions.decide([p.request for p in batch])
+            self._metrics.consistent_decisions.inc(len(batch))
+            self._metrics.consistent_batch.observe(len(batch))
         except Exception as exc:
             # The nodes fall back by each policy's on_unavailable at once, instead of
             # waiting for their timeout. The transactions reconnect on the next batch.
@@ -110,11 +112,3 @@ class Authority:
         for pending, decision in zip(batch, decisions, strict=True):
             with contextlib.suppress(nats.errors.Error):
                 await pending.msg.respond(encode_consistent_decision(decision))
-
-    async def _decide_counted(self, transactions: DecisionTransactions,
-                              requests: Sequence[ConsistentRequest]
-                              ) -> list[ConsistentDecision]:
-        decisions = await transactions.decide(requests)
-        self._metrics.consistent_decisions.inc(len(requests))
-        self._metrics.consistent_batch.observe(len(requests))
-        return decisions

@@ -85,11 +85,8 @@ def fresh_row(key: KeyId, policy: Policy, now: int, used: WindowUsage | None = N
     start, end = window_bounds(policy.duration, now)
     state = KeyState(policy, start, end, now)
     if used:
-        starts = seed_starts(policy, now)
-        if starts:
-            state.cur = used.get((*key, starts[0]), 0)
-        if len(starts) > 1:
-            state.prev = used.get((*key, starts[1]), 0)
+        for name, window in zip(("cur", "prev"), seed_starts(policy, now), strict=False):
+            setattr(state, name, used.get((*key, window), 0))
     return {"namespace": key[0], "key_hash": key[1], **state_columns(state, now)}
 
 

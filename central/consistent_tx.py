@@ -17,11 +17,11 @@ transaction: a commit interval behind at most).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from central.consistent_decide import (
@@ -39,10 +39,9 @@ from central.consistent_decide import (
 from central.consistent_state import consistent_keys
 from central.ledger import bucket_upsert
 from central.models import components
+from sync.clock import Clock
 from sync.messages import ConsistentDecision, ConsistentRequest
 from sync.policy import Policy
-
-Clock = Callable[[], int]
 
 # Every column of a consistent_keys row but its key, in one order for all statements.
 ROW_COLUMNS = (*STATE_FIELDS, "level", "limit", "burst", "duration", "algorithm",
@@ -191,12 +190,12 @@ def _write_arguments(outcome: BatchOutcome, now: int) -> list[list[Any]]:
 
 
 class SqlDecisions(_HeldConnection):
+    """The same transaction through SQLAlchemy, on SQLite."""
+
     def __init__(self, engine: AsyncEngine, clock: Clock) -> None:
         super().__init__(engine)
         self._clock = clock
-        dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._add_usage = bucket_upsert(dialect)
+        self._add_usage = bucket_upsert("sqlite")
 
     async def decide(self, requests: Sequence[ConsistentRequest]
                      ) -> list[ConsistentDecision]:
@@ -235,7 +234,7 @@ class SqlDecisions(_HeldConnection):
         table = consistent_keys
         # Always an INSERT first: on SQLite it takes the write lock at once, so the
         # transaction never has to upgrade a read lock (which can fail without waiting).
-        await connection.execute(self._insert(table).on_conflict_do_nothing(), [
+        await connection.execute(sqlite.insert(table).on_conflict_do_nothing(), [
             fresh_row(key, policy, now, used) for key, policy in policies.items()])
         rows = (await connection.execute(
             select(table).where(tuple_(table.c.namespace, table.c.key_hash).in_(list(policies)))

@@ -20,6 +20,7 @@ from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
 from central.rollups import RollupJob
 from central.totals import GlobalTotals
+from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
     ConfigUpdate,
@@ -34,7 +35,6 @@ from sync.publisher import ensure_usage_stream
 from sync.subjects import SNAPSHOT, TOTALS, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 
 log = logging.getLogger("regionlimit.central")
-Clock = Callable[[], int]
 FETCH_BATCH = 500
 MAX_UNACKED = 20_000  # commit early rather than hold more messages than this
 ACK_WAIT_S = 60.0

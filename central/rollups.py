@@ -57,6 +57,7 @@ from central.models import usage_daily, usage_hourly, usage_monthly, usage_reten
 from central.settings import CentralSettings
 from central.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
 from central.usage_store import Retention, pending, read_retention
+from sync.clock import Clock
 from sync.durations import setting_ms
 
 log = logging.getLogger("regionlimit.central.rollups")
@@ -73,7 +74,6 @@ HEX = "0123456789abcdef"
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 T = TypeVar("T")
-Clock = Callable[[], int]
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sync.errors import InvalidField
+from sync.policy import NAMESPACE
 from sync.windows import month_bounds
 
 HOUR_MS = 3_600_000
@@ -26,7 +27,6 @@ MAX_IDENTIFIER_BYTES = 256
 # Epoch ms beyond year 9999 cannot be shown as ISO dates; nobody bills that far.
 MAX_TIME_MS = 253_402_300_800_000
 
-NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 IDENTIFIER_HASH = re.compile(r"[0-9a-f]{32}")
 DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 FIELDS = frozenset({"namespace", "identifier", "identifier_hash", "from", "to", "group_by"})

@@ -6,7 +6,6 @@ whole decision, and the OpenAPI document describes the same shape (see app.py).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -18,10 +17,9 @@ from sync.api_errors import ApiError, UnknownNamespace, from_invalid_field
 from sync.clock import Clock, wall_clock_ms
 from sync.errors import InvalidField
 from sync.identifiers import IdentifierHasher
-from sync.policy import Policy
+from sync.policy import NAMESPACE, Policy
 
 Result = dict[str, Any]
-NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_IDENTIFIER_BYTES = 256
 _VALID_CACHE_MAX = 10_000  # names that passed validation (bounded: inline names are free)
 INLINE_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",

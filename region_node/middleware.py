@@ -28,9 +28,7 @@ import ipaddress
 import json
 import logging
 import math
-import re
 import secrets
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal
@@ -47,6 +45,8 @@ from region_node.client import (
     LimiterUnavailable,
     RequestRejected,
 )
+from sync.clock import wall_clock_ms
+from sync.policy import NAMESPACE
 
 __all__ = [
     "LIMITER_ERRORS",
@@ -72,7 +72,6 @@ LIMITER_ERRORS = Counter(
     ["namespace", "action"],
 )
 
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _MAX_IDENTIFIER_BYTES = 256  # API.md: identifier is 1..256 bytes UTF-8
 _UNKNOWN_CLIENT = "unknown"
 
@@ -262,7 +261,7 @@ class RateLimitMiddleware:
     ) -> None:
         anonymous_namespace = anonymous_namespace or f"{namespace}:ip"
         for name in (namespace, anonymous_namespace):
-            if not _NAMESPACE.fullmatch(name):
+            if not NAMESPACE.fullmatch(name):
                 raise ValueError(f"namespace {name!r} must be 1..64 of [A-Za-z0-9_.:-]")
         if (limit is None) != (duration is None):
             raise ValueError("give both limit and duration (inline policy) or neither")
@@ -325,7 +324,7 @@ class RateLimitMiddleware:
             await self._limiter_failed(scope, receive, send, namespace, identifier, error)
             return
 
-        headers = rate_limit_headers(result, now_ms=time.time_ns() // 1_000_000)
+        headers = rate_limit_headers(result, now_ms=wall_clock_ms())
         if not result.allowed:
             body = {
                 "error": {

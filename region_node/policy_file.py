@@ -9,9 +9,8 @@ from typing import Any
 
 from region_node.policies import NamespaceConfig
 from sync.errors import InvalidField
-from sync.policy import POLICY_FIELDS, Policy, build_policy
+from sync.policy import NAMESPACE, POLICY_FIELDS, Policy, build_policy
 
-NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 HASH_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
@@ -36,7 +35,7 @@ def parse_policy_document(data: dict[str, Any], *, source: str) -> dict[str, Nam
     result = {}
     for name, table in namespaces.items():
         where = f"namespaces.{name}"
-        if not NAMESPACE_PATTERN.fullmatch(name):
+        if not NAMESPACE.fullmatch(name):
             raise PolicyFileError(where, f"{source}: bad namespace name {name!r}")
         if not isinstance(table, dict):
             raise PolicyFileError(where, f"{source}: {where} must be a table")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ DEFAULT_TIMEOUT = "250ms"
 DEFAULT_TIMEOUT_DURATION = Duration(DEFAULT_TIMEOUT, 250)
 MAX_TIMEOUT_MS = 60_000
 # Patterns the OpenAPI documents give (the check path validates by hand, to the same rules).
-NAMESPACE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # with fullmatch
+NAMESPACE_PATTERN = f"^{NAMESPACE.pattern}$"
 DURATION_PATTERN = r"^([1-9][0-9]{0,10}(ms|s|m|h|d)|month)$"
 POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout")
 
