@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from region_node.client import (
+from regionlimit_client.client import (
     AsyncRegionLimitClient,
     CheckError,
     CheckRequest,
@@ -31,7 +31,7 @@ from region_node.client import (
     RegionLimitClient,
     RequestRejected,
 )
-from region_node.middleware import (
+from regionlimit_client.middleware import (
     RateLimitMiddleware,
     client_address,
     ip_identifier,
@@ -559,7 +559,7 @@ async def test_limiter_errors_apply_the_policy_log_a_hash_and_count(
         on_error=on_error,
         hash_identifier=lambda identifier: f"H({len(identifier)})",
     )
-    with caplog.at_level(logging.WARNING, logger="region_node.middleware"):
+    with caplog.at_level(logging.WARNING, logger="regionlimit_client.middleware"):
         async with app_client(app) as http:
             response = await http.get("/hello", headers={"x-api-key": "sk_live_secret"})
     assert response.status_code == status
@@ -567,7 +567,7 @@ async def test_limiter_errors_apply_the_policy_log_a_hash_and_count(
         assert response.json()["error"]["code"] == "limiter_unavailable"
         assert int(response.headers["retry-after"]) >= 1
     assert metric(namespace, on_error) == before + 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "region_node.middleware"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "regionlimit_client.middleware"]
     assert len(lines) == 1 and "identifier_hash=H(14)" in lines[0]
     assert "sk_live_secret" not in caplog.text
 
@@ -576,7 +576,7 @@ async def test_default_log_hash_is_keyed_and_hides_the_identifier(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = make_app(fail_with(httpx.ConnectError("refused")), identifier_header="x-api-key")
-    with caplog.at_level(logging.WARNING, logger="region_node.middleware"):
+    with caplog.at_level(logging.WARNING, logger="regionlimit_client.middleware"):
         async with app_client(app) as http:
             await http.get("/hello", headers={"x-api-key": "sk_live_secret"})
     assert "identifier_hash=" in caplog.text
@@ -588,10 +588,10 @@ async def test_a_rejected_check_is_an_error_log_and_follows_on_error(
 ) -> None:
     body = {"error": {"code": "invalid_field", "field": "cost", "message": "cost must be 0..10"}}
     app = make_app(answer_json(body, 422), on_error="closed", cost=lambda scope: 99)
-    with caplog.at_level(logging.WARNING, logger="region_node.middleware"):
+    with caplog.at_level(logging.WARNING, logger="regionlimit_client.middleware"):
         async with app_client(app) as http:
             assert (await http.get("/hello")).status_code == 503
-    assert [r.levelno for r in caplog.records if r.name == "region_node.middleware"] == [
+    assert [r.levelno for r in caplog.records if r.name == "regionlimit_client.middleware"] == [
         logging.ERROR
     ]
 

@@ -37,7 +37,7 @@ import httpx
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from region_node.client import (
+from regionlimit_client.client import (
     AsyncRegionLimitClient,
     CheckResult,
     CircuitBreaker,
