@@ -21,7 +21,10 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict() -> None:
-    result = run(str(BIN / "mypy"), "region_node", "sync", "central", "regionlimit")
+    result = run(
+        str(BIN / "mypy"), "region_node", "sync", "central", "regionlimit",
+        "clients/python/regionlimit_client",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

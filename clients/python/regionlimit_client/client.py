@@ -19,14 +19,20 @@ Failure model:
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import httpx
+
+from regionlimit_client.breaker import BreakerState, CircuitBreaker
+from regionlimit_client.errors import (
+    CircuitOpen,
+    LimiterUnavailable,
+    RegionLimitClientError,
+    RequestRejected,
+)
 
 __all__ = [
     "AsyncRegionLimitClient",
@@ -46,7 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "open", "closed"]
-BreakerState = Literal["closed", "open", "half_open"]
 
 _T = TypeVar("_T")
 
@@ -54,42 +59,6 @@ _T = TypeVar("_T")
 # from the node's side: reusing a connection the server is closing at that very moment
 # fails with "server disconnected without sending a response".
 _KEEPALIVE_EXPIRY = 2.0
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class RegionLimitClientError(Exception):
-    """Base of every error this client raises."""
-
-
-class LimiterUnavailable(RegionLimitClientError):
-    """The node gave no usable answer: timeout, connection error, 5xx or malformed body."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"rate limiter at {url} unavailable: {reason}")
-        self.url = url
-        self.reason = reason
-
-
-class CircuitOpen(LimiterUnavailable):
-    """Failed at once without a request: the breaker is open after repeated failures."""
-
-    def __init__(self, url: str, *, retry_in: float) -> None:
-        super().__init__(url, f"circuit open, next probe in {retry_in:.2f}s")
-        self.retry_in = retry_in
-
-
-class RequestRejected(RegionLimitClientError):
-    """The node answered 4xx: the request itself is wrong (API.md error shape)."""
-
-    def __init__(self, status: int, code: str, field: str | None, message: str) -> None:
-        where = f" (field {field})" if field else ""
-        super().__init__(f"HTTP {status} {code}{where}: {message}")
-        self.status = status
-        self.code = code
-        self.field = field
-        self.message = message
 
 
 # -------------------------------------------------------------------------- values
@@ -147,98 +116,6 @@ class CheckError:
     code: str
     field: str | None
     message: str
-
-
-# ------------------------------------------------------------------ circuit breaker
-
-
-class CircuitBreaker:
-    """Consecutive-failure breaker: closed -> open (cool-down) -> half-open (one probe).
-
-    Thread-safe; the lock is never held across I/O, so it is equally cheap in async code.
-    `clock` is injectable so tests step through cool-downs without sleeping.
-    """
-
-    def __init__(
-        self,
-        *,
-        failure_threshold: int = 5,
-        cool_down: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-        name: str = "rate limiter",
-    ) -> None:
-        if failure_threshold < 1:
-            raise ValueError("failure_threshold must be >= 1")
-        if cool_down < 0:
-            raise ValueError("cool_down must be >= 0")
-        self.failure_threshold = failure_threshold
-        self.cool_down = cool_down
-        self.name = name
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._state: BreakerState = "closed"
-        self._failures = 0
-        self._opened_at = 0.0
-        self._probe_in_flight = False
-
-    @property
-    def state(self) -> BreakerState:
-        return self._state
-
-    def allow(self) -> bool:
-        """May a call go to the limiter now? In half-open, True for the one probe only."""
-        with self._lock:
-            if self._state == "closed":
-                return True
-            if self._state == "open":
-                if self._clock() - self._opened_at < self.cool_down:
-                    return False
-                self._state = "half_open"
-            if self._probe_in_flight:
-                return False
-            self._probe_in_flight = True
-        logger.info("circuit to %s half-open: probing", self.name)
-        return True
-
-    def retry_in(self) -> float:
-        """Seconds until the next probe may go out (0 unless open)."""
-        with self._lock:
-            if self._state != "open":
-                return 0.0
-            return max(0.0, self._opened_at + self.cool_down - self._clock())
-
-    def record_success(self) -> None:
-        with self._lock:
-            was = self._state
-            self._state = "closed"
-            self._failures = 0
-            self._probe_in_flight = False
-        if was != "closed":
-            logger.warning("circuit to %s closed: the limiter answers again", self.name)
-
-    def record_failure(self) -> None:
-        with self._lock:
-            self._failures += 1
-            if self._state == "open":
-                # A call that started before the circuit opened: the cool-down stands.
-                return
-            if self._state == "closed" and self._failures < self.failure_threshold:
-                return
-            self._state = "open"
-            self._opened_at = self._clock()
-            self._probe_in_flight = False
-            failures = self._failures
-        logger.warning(
-            "circuit to %s open for %.1fs after %d consecutive failures",
-            self.name,
-            self.cool_down,
-            failures,
-        )
-
-    def release(self) -> None:
-        """A call ended with neither answer nor failure (cancelled): free the probe slot."""
-        with self._lock:
-            self._probe_in_flight = False
 
 
 # ------------------------------------------------------------------- shared logic
@@ -386,6 +263,37 @@ def _batch_parser(expected: int) -> Callable[[Any], list[CheckResult | CheckErro
     return parse
 
 
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_T]):
+    """One prepared request: where it goes, what it sends, how its answer is read, and what
+    it returns instead when the node gives no usable answer (`on_error`)."""
+
+    path: str
+    body: dict[str, Any]
+    parse: Callable[[Any], _T]
+    fallback: Callable[[LimiterUnavailable], _T]
+
+
+def _check_call(core: _Core, request: CheckRequest) -> _Call[CheckResult]:
+    return _Call(
+        "/v1/check",
+        request.to_json(),
+        _parse_result,
+        lambda error: core.fallback(request, error),
+    )
+
+
+def _batch_call(
+    core: _Core, checks: Sequence[CheckRequest]
+) -> _Call[list[CheckResult | CheckError]]:
+    return _Call(
+        "/v1/check/batch",
+        {"checks": [check.to_json() for check in checks]},
+        _batch_parser(len(checks)),
+        lambda error: [core.fallback(check, error) for check in checks],
+    )
+
+
 def _http_options(timeout: float) -> dict[str, Any]:
     return {
         "timeout": httpx.Timeout(timeout),
@@ -394,6 +302,9 @@ def _http_options(timeout: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- clients
+#
+# The two clients differ only in how they send one request (`_send`); what to send, how to
+# read the answer and what to do when there is none is the shared `_Call` and `_Core`.
 
 
 class RegionLimitClient:
@@ -438,38 +349,27 @@ class RegionLimitClient:
         mode: str | None = None,
     ) -> CheckResult:
         request = CheckRequest(
-            namespace=namespace,
-            identifier=identifier,
-            cost=cost,
-            limit=limit,
-            duration=duration,
-            algorithm=algorithm,
-            burst=burst,
-            mode=mode,
+            namespace, identifier, cost, limit, duration, algorithm, burst, mode
         )
-        try:
-            return self._post("/v1/check", request.to_json(), _parse_result)
-        except LimiterUnavailable as error:
-            return self._core.fallback(request, error)
+        return self._send(_check_call(self._core, request))
 
     def check_batch(self, checks: Sequence[CheckRequest]) -> list[CheckResult | CheckError]:
         """Decide 1..1000 checks in one request; each slot is a result or its own error."""
-        body = {"checks": [check.to_json() for check in checks]}
-        try:
-            return self._post("/v1/check/batch", body, _batch_parser(len(checks)))
-        except LimiterUnavailable as error:
-            return [self._core.fallback(check, error) for check in checks]
+        return self._send(_batch_call(self._core, checks))
 
-    def _post(self, path: str, body: dict[str, Any], parse: Callable[[Any], _T]) -> _T:
-        self._core.refuse_if_open()
+    def _send(self, call: _Call[_T]) -> _T:
         try:
-            response = self._http.post(path, json=body)
-        except httpx.TransportError as exc:
-            raise self._core.transport_failure(exc) from exc
-        except BaseException:
-            self._core.breaker.release()
-            raise
-        return self._core.finish(response, parse)
+            self._core.refuse_if_open()
+            try:
+                response = self._http.post(call.path, json=call.body)
+            except httpx.TransportError as exc:
+                raise self._core.transport_failure(exc) from exc
+            except BaseException:
+                self._core.breaker.release()
+                raise
+            return self._core.finish(response, call.parse)
+        except LimiterUnavailable as error:
+            return call.fallback(error)
 
     def close(self) -> None:
         self._http.close()
@@ -522,41 +422,30 @@ class AsyncRegionLimitClient:
         mode: str | None = None,
     ) -> CheckResult:
         request = CheckRequest(
-            namespace=namespace,
-            identifier=identifier,
-            cost=cost,
-            limit=limit,
-            duration=duration,
-            algorithm=algorithm,
-            burst=burst,
-            mode=mode,
+            namespace, identifier, cost, limit, duration, algorithm, burst, mode
         )
-        try:
-            return await self._post("/v1/check", request.to_json(), _parse_result)
-        except LimiterUnavailable as error:
-            return self._core.fallback(request, error)
+        return await self._send(_check_call(self._core, request))
 
     async def check_batch(self, checks: Sequence[CheckRequest]) -> list[CheckResult | CheckError]:
         """Decide 1..1000 checks in one request; each slot is a result or its own error."""
-        body = {"checks": [check.to_json() for check in checks]}
-        try:
-            return await self._post("/v1/check/batch", body, _batch_parser(len(checks)))
-        except LimiterUnavailable as error:
-            return [self._core.fallback(check, error) for check in checks]
+        return await self._send(_batch_call(self._core, checks))
 
-    async def _post(self, path: str, body: dict[str, Any], parse: Callable[[Any], _T]) -> _T:
-        self._core.refuse_if_open()
+    async def _send(self, call: _Call[_T]) -> _T:
         try:
-            # httpx's timeout is per phase; the deadline makes `timeout` the whole budget,
-            # which is what a request waiting on the limiter actually pays.
-            with anyio.fail_after(self._core.timeout):
-                response = await self._http.post(path, json=body)
-        except (httpx.TransportError, TimeoutError) as exc:
-            raise self._core.transport_failure(exc) from exc
-        except BaseException:
-            self._core.breaker.release()
-            raise
-        return self._core.finish(response, parse)
+            self._core.refuse_if_open()
+            try:
+                # httpx's timeout is per phase; the deadline makes `timeout` the whole
+                # budget, which is what a request waiting on the limiter actually pays.
+                with anyio.fail_after(self._core.timeout):
+                    response = await self._http.post(call.path, json=call.body)
+            except (httpx.TransportError, TimeoutError) as exc:
+                raise self._core.transport_failure(exc) from exc
+            except BaseException:
+                self._core.breaker.release()
+                raise
+            return self._core.finish(response, call.parse)
+        except LimiterUnavailable as error:
+            return call.fallback(error)
 
     async def aclose(self) -> None:
         await self._http.aclose()

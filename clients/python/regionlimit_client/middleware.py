@@ -28,25 +28,30 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import secrets
+import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Literal
 
 import httpx
-from prometheus_client import Counter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from regionlimit_client.client import (
-    AsyncRegionLimitClient,
-    CheckResult,
-    CircuitBreaker,
-    CircuitOpen,
-    LimiterUnavailable,
-    RequestRejected,
+from regionlimit_client.breaker import CircuitBreaker
+from regionlimit_client.client import AsyncRegionLimitClient, CheckResult
+from regionlimit_client.client_ip import (
+    IPAddress,
+    client_address,
+    forwarded_entries,
+    ip_identifier,
+    parse_address,
 )
-from sync.clock import wall_clock_ms
-from sync.policy import NAMESPACE
+from regionlimit_client.errors import CircuitOpen, LimiterUnavailable, RequestRejected
+
+try:  # The metric is counted when the app exports Prometheus metrics; it is optional.
+    import prometheus_client
+except ImportError:  # the client-only install: no metric
+    prometheus_client = None  # type: ignore[assignment]
 
 __all__ = [
     "LIMITER_ERRORS",
@@ -62,17 +67,32 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The ASGI types, spelled out so the package needs no web framework (same shapes as
+# starlette.types).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
 Identify = Callable[[Scope], str | Awaitable[str | None] | None]
 
 # Module level: one registration however many middleware instances (apps, tests) exist.
-LIMITER_ERRORS = Counter(
-    "regionlimit_middleware_limiter_errors_total",
-    "Requests the middleware decided by on_error because the limiter gave no answer",
-    ["namespace", "action"],
+LIMITER_ERRORS = (
+    prometheus_client.Counter(
+        "regionlimit_middleware_limiter_errors_total",
+        "Requests the middleware decided by on_error because the limiter gave no answer",
+        ["namespace", "action"],
+    )
+    if prometheus_client is not None
+    else None
 )
 
-_MAX_IDENTIFIER_BYTES = 256  # API.md: identifier is 1..256 bytes UTF-8
+# The node's contract rules, restated here because this package must not import the
+# server (it installs without it): identifier 1..256 bytes UTF-8, namespace 1..64 of
+# [A-Za-z0-9_.:-]. The node enforces both; these copies only keep requests valid.
+_MAX_IDENTIFIER_BYTES = 256
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _UNKNOWN_CLIENT = "unknown"
 
 # Log lines carry a keyed hash, never the identifier. The key is random per process: lines
@@ -85,89 +105,6 @@ def _log_hash(identifier: str) -> str:
 
 
 # ------------------------------------------------------------ identifier helpers
-
-
-def parse_address(text: str) -> IPAddress | None:
-    """An address from a peer or forwarding-header entry, or None if it is not one.
-
-    Accepts `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`, quoted values
-    (RFC 7239) and zone ids; IPv4-mapped IPv6 becomes IPv4, so one client has one identity
-    whatever stack the proxy used.
-    """
-    text = text.strip().strip('"')
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            return None
-        text = text[1:end]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        address = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def _forwarded_entries(values: Iterable[str], *, rfc7239: bool) -> list[str]:
-    """Addresses of a forwarding header in order, left (client side) to right."""
-    entries: list[str] = []
-    for value in values:
-        for element in value.split(","):
-            if not rfc7239:
-                entries.append(element)
-                continue
-            # `Forwarded: for=192.0.2.60;proto=http;by=203.0.113.43`: only `for` matters;
-            # an element without one still counts as a hop (it yields an unusable entry).
-            found = ""
-            for pair in element.split(";"):
-                key, _, val = pair.partition("=")
-                if key.strip().lower() == "for":
-                    found = val
-            entries.append(found)
-    return entries
-
-
-def client_address(
-    peer: IPAddress,
-    forwarded: Sequence[str],
-    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
-) -> IPAddress:
-    """The client's address: the peer, unless the peer is a trusted proxy.
-
-    Behind trusted proxies, walk the forwarded entries from the right; the first address
-    outside `trusted` is the client. An unparseable entry stops the walk at the hop that
-    wrote it (a trusted proxy), since nothing to its left can be attributed. When every hop
-    is trusted, the left-most is the origin.
-    """
-
-    def is_trusted(address: IPAddress) -> bool:
-        return any(address in network for network in trusted)
-
-    if not is_trusted(peer):
-        return peer
-    client = peer
-    for entry in reversed(forwarded):
-        address = parse_address(entry)
-        if address is None:
-            return client
-        client = address
-        if not is_trusted(address):
-            return address
-    return client
-
-
-def ip_identifier(address: IPAddress, *, ipv6_prefix: int) -> str:
-    """`192.0.2.1`, or an IPv6 network such as `2001:db8:1:2::/64`.
-
-    One IPv6 subscriber usually holds a whole /64 (often more) and can pick a fresh address
-    per request, so limiting single IPv6 addresses would limit nobody.
-    """
-    if isinstance(address, ipaddress.IPv4Address):
-        return str(address)
-    return ipaddress.IPv6Network((address, ipv6_prefix), strict=False).with_prefixlen
 
 
 def normalize_identifier(value: str) -> str | None:
@@ -193,7 +130,11 @@ def retry_after_seconds(retry_after_ms: int | None) -> int:
 
 
 def rate_limit_headers(result: CheckResult, *, now_ms: int) -> list[tuple[bytes, bytes]]:
-    """`RateLimit-Limit/-Remaining/-Reset` (and `Retry-After` when denied), as the node sends."""
+    """`RateLimit-Limit/-Remaining/-Reset` (and `Retry-After` when denied), as the node sends.
+
+    The node has its own copy (region_node/http.py): this package cannot import the server,
+    and the server must not depend on the client for its own headers.
+    """
     reset = max(0, math.ceil((result.reset_at - now_ms) / 1000))
     headers = [
         (b"ratelimit-limit", str(result.limit).encode()),
@@ -261,7 +202,7 @@ class RateLimitMiddleware:
     ) -> None:
         anonymous_namespace = anonymous_namespace or f"{namespace}:ip"
         for name in (namespace, anonymous_namespace):
-            if not NAMESPACE.fullmatch(name):
+            if not _NAMESPACE.fullmatch(name):
                 raise ValueError(f"namespace {name!r} must be 1..64 of [A-Za-z0-9_.:-]")
         if (limit is None) != (duration is None):
             raise ValueError("give both limit and duration (inline policy) or neither")
@@ -324,7 +265,7 @@ class RateLimitMiddleware:
             await self._limiter_failed(scope, receive, send, namespace, identifier, error)
             return
 
-        headers = rate_limit_headers(result, now_ms=wall_clock_ms())
+        headers = rate_limit_headers(result, now_ms=time.time_ns() // 1_000_000)
         if not result.allowed:
             body = {
                 "error": {
@@ -380,7 +321,7 @@ class RateLimitMiddleware:
             values = [
                 v.decode("latin-1") for n, v in scope["headers"] if n == self.forwarded_header
             ]
-            forwarded = _forwarded_entries(values, rfc7239=self.forwarded_header == b"forwarded")
+            forwarded = forwarded_entries(values, rfc7239=self.forwarded_header == b"forwarded")
         address = client_address(peer, forwarded, self.trusted_proxies)
         return ip_identifier(address, ipv6_prefix=self.ipv6_prefix)
 
@@ -393,7 +334,8 @@ class RateLimitMiddleware:
         identifier: str,
         error: LimiterUnavailable | RequestRejected,
     ) -> None:
-        LIMITER_ERRORS.labels(namespace=namespace, action=self.on_error).inc()
+        if LIMITER_ERRORS is not None:
+            LIMITER_ERRORS.labels(namespace=namespace, action=self.on_error).inc()
         if isinstance(error, CircuitOpen):
             level = logging.DEBUG  # announced once when the circuit opened
         elif isinstance(error, RequestRejected):

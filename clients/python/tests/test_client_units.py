@@ -1,6 +1,8 @@
 """Unit tests of the client, the breaker and the middleware's pure logic (no node process).
 
 httpx.MockTransport stands in for the node at the I/O seam; everything above it is real.
+They need only the client's own dependencies (the app under the middleware is a few lines
+of plain ASGI), so they also run where the server is not installed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
-from prometheus_client import REGISTRY
 
 from regionlimit_client.client import (
     AsyncRegionLimitClient,
@@ -32,6 +32,7 @@ from regionlimit_client.client import (
     RequestRejected,
 )
 from regionlimit_client.middleware import (
+    LIMITER_ERRORS,
     RateLimitMiddleware,
     client_address,
     ip_identifier,
@@ -40,6 +41,11 @@ from regionlimit_client.middleware import (
     rate_limit_headers,
     retry_after_seconds,
 )
+
+try:  # optional: the middleware counts its metric only where prometheus-client is installed
+    from prometheus_client import REGISTRY
+except ImportError:
+    REGISTRY = None
 
 URL = "http://limiter.test"
 ALLOWED = {
@@ -444,23 +450,60 @@ def test_retry_after_seconds(ms: int | None, seconds: int) -> None:
 # ---------------------------------------------------- middleware against a mock
 
 
-def make_app(handler: Callable[[httpx.Request], Any], **options: Any) -> FastAPI:
-    app = FastAPI()
+Route = Callable[[], tuple[object, dict[str, str]]]
+
+
+class App:
+    """A plain ASGI app with GET routes answering JSON, wrapped by `entry` (the middleware)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.entry: Any = self.dispatch
+
+    def get(self, path: str) -> Callable[[Route], Route]:
+        def register(route: Route) -> Route:
+            self.routes[path] = route
+            return route
+
+        return register
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.entry(scope, receive, send)
+
+    async def dispatch(self, scope: Any, receive: Any, send: Any) -> None:
+        route = self.routes.get(scope["path"])
+        body, headers = route() if route else ({"detail": "Not Found"}, {})
+        payload = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200 if route else 404,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def make_app(handler: Callable[[httpx.Request], Any], **options: Any) -> App:
+    app = App()
     options = {"url": URL, "namespace": "unit", **options}
-    app.add_middleware(RateLimitMiddleware, transport=httpx.MockTransport(handler), **options)
+    app.entry = RateLimitMiddleware(app.dispatch, transport=httpx.MockTransport(handler), **options)
 
     @app.get("/hello")
-    async def hello() -> dict[str, str]:
-        return {"hello": "world"}
+    def hello() -> tuple[object, dict[str, str]]:
+        return {"hello": "world"}, {}
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz() -> tuple[object, dict[str, str]]:
+        return {"status": "ok"}, {}
 
     return app
 
 
-def app_client(app: FastAPI, peer: str = "192.0.2.10") -> httpx.AsyncClient:
+def app_client(app: App, peer: str = "192.0.2.10") -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, client=(peer, 50000))
     return httpx.AsyncClient(transport=transport, base_url="http://app.test")
 
@@ -528,10 +571,8 @@ async def test_the_app_own_rate_limit_headers_win() -> None:
     app = make_app(answer_json(ALLOWED))
 
     @app.get("/inner")
-    async def inner() -> Any:
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse({}, headers={"RateLimit-Limit": "3"})
+    def inner() -> tuple[object, dict[str, str]]:
+        return {}, {"RateLimit-Limit": "3"}
 
     async with app_client(app) as http:
         response = await http.get("/inner")
@@ -540,6 +581,8 @@ async def test_the_app_own_rate_limit_headers_win() -> None:
 
 
 def metric(namespace: str, action: str) -> float:
+    if REGISTRY is None:
+        return 0.0
     value = REGISTRY.get_sample_value(
         "regionlimit_middleware_limiter_errors_total", {"namespace": namespace, "action": action}
     )
@@ -566,7 +609,10 @@ async def test_limiter_errors_apply_the_policy_log_a_hash_and_count(
     if status == 503:
         assert response.json()["error"]["code"] == "limiter_unavailable"
         assert int(response.headers["retry-after"]) >= 1
-    assert metric(namespace, on_error) == before + 1
+    if REGISTRY is not None:
+        assert metric(namespace, on_error) == before + 1
+    else:  # client-only install: no prometheus-client, so no metric to count
+        assert LIMITER_ERRORS is None
     lines = [r.getMessage() for r in caplog.records if r.name == "regionlimit_client.middleware"]
     assert len(lines) == 1 and "identifier_hash=H(14)" in lines[0]
     assert "sk_live_secret" not in caplog.text
@@ -597,7 +643,7 @@ async def test_a_rejected_check_is_an_error_log_and_follows_on_error(
 
 
 def test_middleware_options_are_validated() -> None:
-    app = FastAPI()
+    app = App()
     with pytest.raises(ValueError, match="both limit and duration"):
         RateLimitMiddleware(app, url=URL, namespace="api", limit=10)
     with pytest.raises(ValueError, match="namespace"):
