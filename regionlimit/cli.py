@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_extra_commands() -> None:
     try:
-        from central.cli import register
+        from regionlimit.central_cli import register
     except ImportError:
         return
     if register not in EXTRA_COMMANDS:

@@ -14,7 +14,7 @@ import pytest
 
 from central.database import make_engine
 from central.ledger import BucketIncrement, LedgerStore
-from central.operator_cli import month_range, render_table
+from regionlimit.operator import month_range, render_table
 from central.usage_query import parse_csv, parse_time
 from regionlimit.cli import main
 from tests.support.cluster import Cluster

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from central.operator_cli import register as register_operator
+from regionlimit.operator import register as register_operator
 from central.settings import CentralSettings
 from regionlimit.cli import CliError, dev_secret, settings_error
 from regionlimit.logs import configure_logging
