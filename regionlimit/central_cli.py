@@ -8,9 +8,8 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from regionlimit.operator import register as register_operator
 from central.settings import CentralSettings
-from regionlimit.cli import CliError, dev_secret, settings_error
+from regionlimit.cli_errors import CliError, dev_secret, settings_error
 from regionlimit.logs import configure_logging
 
 
@@ -70,4 +69,3 @@ def register(commands: Any) -> None:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--database-url", default=argparse.SUPPRESS)
     migrate.set_defaults(run=cmd_migrate)
-    register_operator(commands)

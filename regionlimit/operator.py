@@ -7,7 +7,8 @@
 Central's URL and the admin token come from REGIONLIMIT_CENTRAL_URL and
 REGIONLIMIT_ADMIN_TOKEN, or --central-url / --admin-token. Raw identifiers travel only in
 request bodies (``--identifier -`` reads one from stdin, out of the shell history).
-Errors print one line and exit 1 (``regionlimit.cli.main``).
+Errors print one line and exit 1 (``regionlimit.cli.main``); this module is imported by
+``regionlimit.cli``, never the other way round.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from regionlimit.cli import CliError, settings_error
+from regionlimit.cli_errors import CliError, settings_error
 from regionlimit.cli_settings import ClientSettings
 
 TIMEOUT_S = 30.0

@@ -41,3 +41,31 @@ def test_central_and_sync_never_import_region_node() -> None:
                 wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
                           for name in names if name.split(".")[0] in forbidden]
     assert wrong == []
+
+
+def imports_of(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Imports (even lazy ones) from files under `package` of any top-level `forbidden`."""
+    wrong: list[str] = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                      for name in names if name.split(".")[0] in forbidden]
+    return wrong
+
+
+def test_the_import_direction_has_no_cycle() -> None:
+    # Top to bottom: regionlimit (the command line) -> central, region_node -> sync; the
+    # client package stands alone (it installs without the server). Each may import only
+    # what is below it, so no import cycle can form between the folders.
+    server = ("central", "region_node", "regionlimit", "sync")
+    rules = {
+        "central": ("regionlimit", "region_node"),
+        "region_node": ("regionlimit", "central"),
+        "sync": ("regionlimit", "central", "region_node", "regionlimit_client"),
+        "clients/python/regionlimit_client": server,
+    }
+    wrong = [line for package, forbidden in rules.items()
+             for line in imports_of(package, forbidden)]
+    assert wrong == []
