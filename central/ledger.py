@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any
 
@@ -19,47 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from central.consistent_state import idle_keys_delete
 from central.leadership import LeaderLease
+from central.ledger_rows import BucketIncrement as BucketIncrement
+from central.ledger_rows import ComponentRow as ComponentRow  # re-exported: rows are pure
 from central.models import components, usage_hourly
-
-
-@dataclass(frozen=True, slots=True)
-class ComponentRow:
-    """One node's cumulative counts for one key-window, with the policy it enforced."""
-
-    namespace: str
-    key_hash: str
-    window_start: int
-    node_id: str
-    region: str
-    window_end: int
-    admitted: int
-    denied: int
-    limit: int
-    duration: str
-    algorithm: str
-    burst: int | None
-    updated_at: int
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        return (self.namespace, self.key_hash, self.window_start, self.node_id)
-
-
-@dataclass(frozen=True, slots=True)
-class BucketIncrement:
-    """Cost to add to one key's usage in one region and UTC hour (epoch ms)."""
-
-    namespace: str
-    key_hash: str
-    region: str
-    hour_start: int
-    admitted: int
-    denied: int
-
-    @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.namespace, self.key_hash, self.region, self.hour_start)
-
 
 _COMPONENT_FIELDS = tuple(f.name for f in fields(ComponentRow))
 _COMPONENT_KEY = ("namespace", "key_hash", "window_start", "node_id")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from central.ledger import BucketIncrement, ComponentRow
+from central.ledger_rows import BucketIncrement, ComponentRow
 from sync.messages import KeyTotal, UsageBatch
 from sync.policy import Policy, build_policy
 from sync.windows import hour_start, window_bounds, window_end

@@ -69,3 +69,17 @@ def test_the_import_direction_has_no_cycle() -> None:
     wrong = [line for package, forbidden in rules.items()
              for line in imports_of(package, forbidden)]
     assert wrong == []
+
+
+def test_pure_central_modules_import_no_sql() -> None:
+    # totals.py decides from rows in memory; the SQL that stores them is ledger.py's.
+    wrong: list[str] = []
+    for name in ("central/totals.py", "central/ledger_rows.py"):
+        path = ROOT / name
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{name}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] in ("sqlalchemy", "asyncpg", "aiosqlite")
+                      or n in ("central.ledger", "central.models", "central.database")]
+    assert wrong == []
