@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -17,6 +18,8 @@ MAX_BATCH = 1000
 Headers = list[tuple[bytes, bytes]]
 Reply = tuple[int, Headers, bytes]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+
+log = logging.getLogger("regionlimit.node")
 
 
 def _ceil_seconds(ms: int) -> int:
@@ -37,6 +40,10 @@ def rate_limit_headers(result: Result, now: int) -> Headers:
 
 
 def error_reply(error: ApiError) -> Reply:
+    # The access log is off by default, so a refused request is logged here: status, code,
+    # field and message, which never quote the identifier.
+    log.info("rejected request: %d %s%s: %s", error.status, error.code,
+             f" (field {error.field})" if error.field else "", error.message)
     return error.status, JSON_HEADERS, error.to_json()
 
 

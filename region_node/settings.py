@@ -30,6 +30,9 @@ class NodeSettings(BaseSettings):
     inline_namespaces: bool = True
     max_inline_namespaces: int = Field(default=1000, ge=0)
     log_level: str = "info"
+    # One line per check costs about a third of the node's throughput and floods the log at
+    # production rates: off unless asked for. Rejected requests are logged either way.
+    access_log: bool = False
 
     _intervals = field_validator("flush_interval", "snapshot_timeout")(check_interval)
 

@@ -22,8 +22,9 @@ def log_config() -> dict[str, Any]:
     return config
 
 
-def uvicorn_config(app: Any, *, host: str, port: int, log_level: str) -> uvicorn.Config:
+def uvicorn_config(app: Any, *, host: str, port: int, log_level: str,
+                   access_log: bool = True) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, loop="uvloop", http="httptools",
-                          lifespan="on", log_level=log_level, access_log=True,
+                          lifespan="on", log_level=log_level, access_log=access_log,
                           log_config=log_config(), timeout_graceful_shutdown=10,
                           timeout_keep_alive=KEEP_ALIVE_S)
