@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port-base", type=int, default=8080,
                      help="central on N, nodes us/eu/ap on N+1..N+3 (default 8080)")
     dev.add_argument("--nats-url", help="use this NATS instead of an embedded nats-server")
-    dev.add_argument("--state-dir", help="where logs and the SQLite ledger go "
-                     "(default: a new temporary directory)")
+    dev.add_argument("--state-dir", help="where logs, the SQLite ledger and the generated "
+                     "secret and token are kept (default: .regionlimit/dev)")
     dev.set_defaults(run=cmd_dev)
 
     central_cli.register(commands)
