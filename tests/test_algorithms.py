@@ -457,10 +457,10 @@ def test_month_with_another_algorithm_is_invalid(algorithm: str) -> None:
     assert caught.value.field == "duration"
 
 
-def test_month_without_algorithm_is_invalid_since_default_is_sliding() -> None:
-    with pytest.raises(InvalidField) as caught:
-        build_policy(limit=5, duration="month")
-    assert caught.value.field == "duration"
+def test_month_without_algorithm_means_fixed_window() -> None:
+    # Was a 422 (the default algorithm is sliding_window, which cannot count a month).
+    assert build_policy(limit=5, duration="month").algorithm == "fixed_window"
+    assert build_policy(limit=5, duration="1h").algorithm == "sliding_window"
 
 
 # --- the algorithms alone: pure functions of (state, policy, now, cost) -----------------

@@ -90,7 +90,7 @@ def test_token_bucket_burst_defaults_to_limit_and_bounds_cost() -> None:
     ({"limit": "10"}, "limit"),
     ({"duration": "1y"}, "duration"),
     ({"duration": 60}, "duration"),
-    ({"duration": "month"}, "duration"),                      # default sliding_window
+    ({"duration": "month", "algorithm": "sliding_window"}, "duration"),  # month: fixed only
     ({"duration": "month", "algorithm": "token_bucket"}, "duration"),
     ({"algorithm": "leaky_bucket"}, "algorithm"),
     ({"algorithm": ["fixed_window"]}, "algorithm"),

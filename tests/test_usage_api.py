@@ -238,3 +238,17 @@ async def test_an_unreachable_ledger_is_a_503_not_a_500(accept: str) -> None:
         assert error_of(response)["code"] == "ledger_unavailable"
     finally:
         await service.engine.dispose()
+
+
+async def test_a_namespace_of_a_month_without_algorithm_is_a_fixed_window(
+        client: httpx.AsyncClient) -> None:
+    # The admin API shares the rule with inline checks and policy files.
+    put = await client.put("/v1/namespaces/quota", json={"limit": 100, "duration": "month"},
+                           headers=AUTH)
+    assert put.status_code == 200, put.text
+    assert put.json()["algorithm"] == "fixed_window"
+    stored = await client.get("/v1/namespaces/quota", headers=AUTH)
+    assert stored.json()["algorithm"] == "fixed_window"
+    other = await client.put("/v1/namespaces/quota2", headers=AUTH, json={
+        "limit": 100, "duration": "month", "algorithm": "sliding_window"})
+    assert other.status_code == 422 and other.json()["error"]["field"] == "duration"
