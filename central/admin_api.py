@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from central.service import CentralService
 from sync.api_errors import ApiError, ErrorBody
 from sync.errors import InvalidField
+from sync.identifiers import IDENTIFIER_RULE, MAX_IDENTIFIER_BYTES, is_identifier
 from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN, build_policy
 
 HASH_PATTERN = r"^[0-9a-f]{32}$"
@@ -47,12 +48,12 @@ class NamespaceBody(PolicyFields):
 
 
 class OverrideBody(PolicyFields):
-    identifier: str = Field(min_length=1, max_length=256,
+    identifier: str = Field(min_length=1, max_length=MAX_IDENTIFIER_BYTES,
                             description="Raw identifier; hashed on arrival, never stored")
 
 
 class IdentifierBody(Strict):
-    identifier: str = Field(min_length=1, max_length=256)
+    identifier: str = Field(min_length=1, max_length=MAX_IDENTIFIER_BYTES)
 
 
 class NamespaceOut(BaseModel):
@@ -104,8 +105,8 @@ class HashOut(BaseModel):
 
 
 def _identifier_bytes_ok(identifier: str) -> None:
-    if len(identifier.encode()) > 256:
-        raise ApiError(422, "invalid_field", "identifier must be 1..256 bytes", "identifier")
+    if not is_identifier(identifier):
+        raise ApiError(422, "invalid_field", IDENTIFIER_RULE, "identifier")
 
 
 def _not_found(what: str, field: str) -> ApiError:

@@ -29,6 +29,7 @@ from central.usage_query import (
 from central.usage_store import UsageStore
 from sync.api_errors import NOT_JSON, ApiError, ErrorBody, from_invalid_field
 from sync.errors import InvalidField
+from sync.identifiers import MAX_IDENTIFIER_BYTES
 from sync.policy import NAMESPACE_PATTERN
 
 log = logging.getLogger("regionlimit.central")
@@ -46,7 +47,7 @@ class UsageQueryBody(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": QUERY_EXAMPLE})
 
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
-    identifier: str | None = Field(default=None, min_length=1, max_length=256,
+    identifier: str | None = Field(default=None, min_length=1, max_length=MAX_IDENTIFIER_BYTES,
                                    description="Raw identifier; hashed on arrival")
     identifier_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$",
                                         description="Instead of identifier")

@@ -18,12 +18,12 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sync.errors import InvalidField
+from sync.identifiers import check_identifier
 from sync.policy import NAMESPACE
 from sync.windows import month_bounds
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
-MAX_IDENTIFIER_BYTES = 256
 # Epoch ms beyond year 9999 cannot be shown as ISO dates; nobody bills that far.
 MAX_TIME_MS = 253_402_300_800_000
 
@@ -174,10 +174,7 @@ def _key_hash(body: dict[str, Any], hash_identifier: Callable[[str], str]) -> st
     if identifier is not None and given_hash is not None:
         raise InvalidField("identifier_hash", "give identifier or identifier_hash, not both")
     if identifier is not None:
-        if (not isinstance(identifier, str) or not identifier
-                or len(identifier.encode()) > MAX_IDENTIFIER_BYTES):
-            raise InvalidField("identifier", "identifier must be 1..256 bytes of UTF-8")
-        return hash_identifier(identifier)
+        return hash_identifier(check_identifier(identifier))
     if given_hash is not None:
         if not isinstance(given_hash, str) or not IDENTIFIER_HASH.fullmatch(given_hash):
             raise InvalidField("identifier_hash",

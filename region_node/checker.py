@@ -16,11 +16,10 @@ from region_node.policies import INLINE_LABEL, InlineFields, PolicyResolver
 from sync.api_errors import ApiError, UnknownNamespace, from_invalid_field
 from sync.clock import Clock, wall_clock_ms
 from sync.errors import InvalidField
-from sync.identifiers import IdentifierHasher
+from sync.identifiers import IDENTIFIER_RULE, IdentifierHasher, is_identifier
 from sync.policy import NAMESPACE, Policy
 
 Result = dict[str, Any]
-MAX_IDENTIFIER_BYTES = 256
 _VALID_CACHE_MAX = 10_000  # names that passed validation (bounded: inline names are free)
 INLINE_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
                  "timeout")
@@ -82,10 +81,8 @@ class Checker:
         if type(namespace) is not str or namespace not in self._valid_namespaces:
             namespace = self._validate_namespace(namespace)
         identifier = body.get("identifier")
-        if identifier.__class__ is not str or not identifier or (
-                len(identifier) > MAX_IDENTIFIER_BYTES // 4
-                and len(identifier.encode()) > MAX_IDENTIFIER_BYTES):
-            raise _field_error("identifier", "identifier must be a string of 1..256 bytes")
+        if not is_identifier(identifier):
+            raise _field_error("identifier", IDENTIFIER_RULE)
         cost = body.get("cost", 1)
         if cost.__class__ is not int or cost < 0:
             raise _field_error("cost", "cost must be a non-negative integer")

@@ -43,14 +43,14 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 def cmd_hash(args: argparse.Namespace) -> None:
     from region_node.settings import NodeSettings
-    from sync.identifiers import IdentifierHasher
+    from sync.identifiers import IDENTIFIER_RULE, IdentifierHasher, is_identifier
 
     secret = NodeSettings().identifier_secret
     if secret is None:
         raise CliError("REGIONLIMIT_IDENTIFIER_SECRET is required to hash identifiers")
     identifier = sys.stdin.readline().rstrip("\n") if args.identifier == "-" else args.identifier
-    if not identifier or len(identifier.encode()) > 256:
-        raise CliError("identifier must be 1..256 bytes")
+    if not is_identifier(identifier):
+        raise CliError(IDENTIFIER_RULE)
     print(IdentifierHasher(secret.get_secret_value()).hash(identifier))
 
 

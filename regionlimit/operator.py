@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from regionlimit.cli_errors import CliError, settings_error
 from regionlimit.cli_settings import ClientSettings
+from sync.identifiers import IDENTIFIER_RULE, is_identifier
 
 TIMEOUT_S = 30.0
 MONTH = re.compile(r"(\d{4})-(\d{2})")
@@ -108,8 +109,8 @@ def _raise_for_error(response: httpx.Response) -> None:
 def read_identifier(value: str) -> str:
     """``-`` reads the raw identifier from stdin, keeping it out of the shell history."""
     identifier = sys.stdin.readline().rstrip("\n") if value == "-" else value
-    if not identifier or len(identifier.encode()) > 256:
-        raise CliError("identifier must be 1..256 bytes")
+    if not is_identifier(identifier):
+        raise CliError(IDENTIFIER_RULE)
     return identifier
 
 

@@ -83,3 +83,14 @@ def test_pure_central_modules_import_no_sql() -> None:
                       if n.split(".")[0] in ("sqlalchemy", "asyncpg", "aiosqlite")
                       or n in ("central.ledger", "central.models", "central.database")]
     assert wrong == []
+
+
+def test_the_identifier_bound_has_one_home() -> None:
+    # sync/identifiers.py owns 1..256 bytes; anything else spelling 256 out is a copy.
+    copies = [f"{path.relative_to(ROOT)}:{number}"
+              for package in ("central", "region_node", "regionlimit", "sync")
+              for path in sorted((ROOT / package).rglob("*.py"))
+              if path != ROOT / "sync" / "identifiers.py"
+              for number, line in enumerate(path.read_text().splitlines(), start=1)
+              if "identifier" in line.lower() and "256" in line]
+    assert copies == []
