@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from region_node.check_result import CheckResult
 from region_node.checker import Checker, Result
 from sync.api_errors import NOT_JSON, UNAUTHORIZED, ApiError
 
@@ -29,13 +30,13 @@ def _ceil_seconds(ms: int) -> int:
 def rate_limit_headers(result: Result, now: int) -> Headers:
     headers = [
         (b"content-type", b"application/json"),
-        (b"ratelimit-limit", str(result["limit"]).encode()),
-        (b"ratelimit-remaining", str(result["remaining"]).encode()),
-        (b"ratelimit-reset", str(_ceil_seconds(result["reset_at"] - now)).encode()),
+        (b"ratelimit-limit", str(result.limit).encode()),
+        (b"ratelimit-remaining", str(result.remaining).encode()),
+        (b"ratelimit-reset", str(_ceil_seconds(result.reset_at - now)).encode()),
     ]
-    if not result["allowed"] and result["retry_after_ms"] is not None:
+    if not result.allowed and result.retry_after_ms is not None:
         headers.append((b"retry-after",
-                        str(max(1, _ceil_seconds(result["retry_after_ms"]))).encode()))
+                        str(max(1, _ceil_seconds(result.retry_after_ms))).encode()))
     return headers
 
 
@@ -60,7 +61,7 @@ class CheckEndpoints:
     async def check(self, body: bytes) -> Reply:
         try:
             outcome = self.checker.check(_decode(body))
-            result = outcome if isinstance(outcome, dict) else await outcome
+            result = outcome if isinstance(outcome, CheckResult) else await outcome
         except ApiError as exc:
             return error_reply(exc)
         return 200, rate_limit_headers(result, self.checker.clock()), orjson.dumps(result)
@@ -79,7 +80,7 @@ class CheckEndpoints:
         results: list[Any] = self.checker.check_batch(checks)
         pending: list[tuple[int, Awaitable[Result]]] = []
         for index, outcome in enumerate(results):
-            if outcome.__class__ is dict:
+            if outcome.__class__ is CheckResult:
                 continue
             if isinstance(outcome, ApiError):
                 results[index] = outcome.body()

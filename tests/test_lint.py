@@ -94,3 +94,12 @@ def test_the_identifier_bound_has_one_home() -> None:
               for number, line in enumerate(path.read_text().splitlines(), start=1)
               if "identifier" in line.lower() and "256" in line]
     assert copies == []
+
+
+def test_check_results_are_built_as_the_one_type() -> None:
+    # region_node/check_result.py: no path writes the answer out as its own dict.
+    dicts = [f"{path.relative_to(ROOT)}:{number}"
+             for path in sorted((ROOT / "region_node").rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if '"retry_after_ms":' in line or '"source":' in line]
+    assert dicts == []
