@@ -174,7 +174,7 @@ RAW_SERVER = """
 import sys
 import uvicorn
 from region_node.settings import NodeSettings
-from sync.serving import uvicorn_config
+from sync.http.serving import uvicorn_config
 
 ACCESS_LOG = NodeSettings().access_log  # the same as the node under test
 
@@ -446,7 +446,7 @@ def profile_http(tool: str, seconds: int) -> None:
     import uvicorn
 
     from region_node.app import build_app
-    from sync.serving import uvicorn_config
+    from sync.http.serving import uvicorn_config
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"

@@ -45,9 +45,9 @@ from bench._cluster import (
     machine,
     percentile,
 )
+from central.billing.rollups import RollupJob
+from central.billing.usage_query import DAY_MS, parse_time
 from central.database import make_engine
-from central.rollups import RollupJob
-from central.usage_query import DAY_MS, parse_time
 from tests.support.processes import TEST_ADMIN_TOKEN
 
 MONTH_FROM, MONTH_TO = "2026-10-01", "2026-11-01"

@@ -15,10 +15,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from central.billing.rollups import RollupJob
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.rollups import RollupJob
 from central.totals import GlobalTotals
 from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion

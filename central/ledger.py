@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Insert, and_, case, delete, func, or_, sel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from central.consistent_state import idle_keys_delete
+from central.consistent.state import idle_keys_delete
 from central.leadership import LeaderLease
 from central.ledger_rows import BucketIncrement as BucketIncrement
 from central.ledger_rows import ComponentRow as ComponentRow  # re-exported: rows are pure

@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy import text
 
-from central.authority import Authority
-from central.config_store import ConfigStore
+from central.billing.rollups import RollupJob
+from central.config.store import ConfigStore
+from central.consistent.authority import Authority
 from central.database import make_engine
 from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.rollups import RollupJob
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
 from sync.clock import Clock, wall_clock_ms

@@ -9,7 +9,7 @@ import uvicorn
 from region_node.app import build_app
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
-from sync.serving import uvicorn_config
+from sync.http.serving import uvicorn_config
 
 log = logging.getLogger("regionlimit.node")
 

@@ -12,14 +12,14 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from central.app import build_central_app
+from central.billing.rollups import RollupJob
+from central.billing.usage_query import DAY_MS, HOUR_MS, parse_csv, parse_time
+from central.billing.usage_store import STREAM_CHUNK
 from central.ledger import BucketIncrement, LedgerStore
 from central.migrate import run_migrations
-from central.rollups import RollupJob
 from central.service import CentralService
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
-from central.usage_query import DAY_MS, HOUR_MS, parse_csv, parse_time
-from central.usage_store import STREAM_CHUNK
 from sync.messages import UsageBatch, UsageEntry
 from sync.policy import build_policy
 from sync.windows import hour_start

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from central.totals import GlobalTotals
-from central.usage_query import (
+from central.billing.usage_query import (
     DAY_MS,
     HOUR_MS,
     Segment,
@@ -32,6 +31,7 @@ from central.usage_query import (
     response_body,
     wants_csv,
 )
+from central.totals import GlobalTotals
 from sync.errors import InvalidField
 from sync.messages import UsageBatch, UsageEntry
 from sync.policy import build_policy

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from central.consistent_tx import DecisionTransactions, decisions_for
+from central.consistent.tx import DecisionTransactions, decisions_for
 from central.metrics import CentralMetrics
 from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion

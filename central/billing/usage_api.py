@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from starlette.background import BackgroundTask
 
-from central.service import CentralService
-from central.usage_query import (
+from central.billing.usage_query import (
     UsageQuery,
     UsageRow,
     csv_header,
@@ -26,7 +25,8 @@ from central.usage_query import (
     response_body,
     wants_csv,
 )
-from central.usage_store import UsageStore
+from central.billing.usage_store import UsageStore
+from central.service import CentralService
 from sync.api_errors import NOT_JSON, ApiError, ErrorBody, from_invalid_field
 from sync.errors import InvalidField
 from sync.identifiers import MAX_IDENTIFIER_BYTES

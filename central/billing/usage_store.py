@@ -32,8 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncResult
 
-from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
-from central.usage_query import (
+from central.billing.usage_query import (
     DAY_MS,
     Segment,
     UsageQuery,
@@ -42,6 +41,7 @@ from central.usage_query import (
     period_label,
     plan,
 )
+from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 
 STREAM_CHUNK = 2000
 NAMESPACE_WORK_MEM = "64MB"

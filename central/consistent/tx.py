@@ -24,7 +24,7 @@ from sqlalchemy import bindparam, func, select, tuple_
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from central.consistent_decide import (
+from central.consistent.decide import (
     STATE_FIELDS,
     BatchOutcome,
     KeyId,
@@ -36,7 +36,7 @@ from central.consistent_decide import (
     state_columns,
     state_from_row,
 )
-from central.consistent_state import consistent_keys
+from central.consistent.state import consistent_keys
 from central.ledger import bucket_upsert
 from central.models import components
 from sync.clock import Clock

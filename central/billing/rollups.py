@@ -52,15 +52,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from central.billing.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
+from central.billing.usage_store import Retention, pending, read_retention
 from central.database import make_engine
 from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 from central.settings import CentralSettings
-from central.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
-from central.usage_store import Retention, pending, read_retention
 from sync.clock import Clock
 from sync.durations import setting_ms
 
-log = logging.getLogger("regionlimit.central.rollups")
+log = logging.getLogger("regionlimit.central.billing.rollups")
 
 # A day (month) is folded this long after it ended: usage flushed just before midnight is
 # usually ingested by then. Later arrivals are still correct, only folded again.
