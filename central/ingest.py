@@ -73,7 +73,7 @@ class LeaderIngest:
         snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
         loops = [self._consume(sub), self._commit_forever(), self._tick_forever(),
                  self._prune_forever()]
-        if self._rollup is not None:  # usage rollups and retention (central/rollups.py)
+        if self._rollup is not None:  # usage rollups and retention (central/billing/rollups.py)
             loops.append(self._rollup.run_forever(self._clock))
         try:
             async with asyncio.TaskGroup() as group:

@@ -94,7 +94,7 @@ class LedgerStore:
             return int(result.rowcount)
 
     async def prune_consistent_keys(self, *, now: int, updated_before: int) -> int:
-        """Delete consistent-mode keys gone idle (central/consistent_state.py)."""
+        """Delete consistent-mode keys gone idle (central/consistent/state.py)."""
         async with self._write_transaction() as connection:
             result = await connection.execute(
                 idle_keys_delete(now=now, updated_before=updated_before))

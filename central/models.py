@@ -66,7 +66,7 @@ class Component(Base):
 
 
 # A usage row is "pending" while part of its count has not been folded into the next
-# coarser level yet (see central/rollups.py). The same text serves the partial indexes and
+# coarser level yet (see central/billing/rollups.py). The same text serves the partial indexes and
 # the queries, so that Postgres can prove a query's WHERE implies the index predicate.
 PENDING_SQL = "admitted <> rolled_admitted OR denied <> rolled_denied"
 

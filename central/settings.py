@@ -24,7 +24,7 @@ class CentralSettings(BaseSettings):
     tick_interval: str = "100ms"
     commit_interval: str = "1s"
     retention: str = "7d"
-    # Usage rollups (central/rollups.py): hour-level detail is kept this long, day-level
+    # Usage rollups (central/billing/rollups.py): hour-level detail is kept this long, day-level
     # detail that long; monthly totals forever. Whole days / months are pruned at once.
     hourly_retention: str = "35d"
     daily_retention: str = "400d"

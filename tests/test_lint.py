@@ -103,3 +103,12 @@ def test_check_results_are_built_as_the_one_type() -> None:
              for number, line in enumerate(path.read_text().splitlines(), start=1)
              if '"retry_after_ms":' in line or '"source":' in line]
     assert dicts == []
+
+
+def test_only_sync_http_imports_a_web_framework() -> None:
+    # sync/ is the shared bottom layer: wire messages and contract rules, importable by a
+    # process without a web server. Its HTTP plumbing (used by both central and the node,
+    # so it cannot live in either) is the one subpackage allowed a web framework.
+    wrong = [line for line in imports_of("sync", ("fastapi", "starlette", "uvicorn"))
+             if not line.startswith("sync/http/")]
+    assert wrong == []

@@ -1,4 +1,4 @@
-"""Rollups and retention (central/rollups.py) against SQLite and Postgres (``ledger_url``).
+"""Rollups and retention (central/billing/rollups.py) against SQLite and Postgres (``ledger_url``).
 
 Usage is written the way ingest writes it (``LedgerStore.write``), kept in a Python model
 alongside, and every query is compared with the model: before any rollup, after folding,

@@ -4,7 +4,7 @@ Accounting. Hourly and daily rows carry ``rolled_admitted``/``rolled_denied``: t
 of their count already added to the next coarser level. The rest is "pending". At every
 moment each unit of usage is counted exactly once: as the pending part of an hourly row,
 the pending part of a daily row, or in a monthly row. Queries sum exactly that
-(``central/usage_store.py``). A fold moves pending amounts one level up - add them to the
+(``central/billing/usage_store.py``). A fold moves pending amounts one level up - add them to the
 coarser row, mark them rolled (or delete the finer row) - in ONE transaction, so a query
 sees the amount on one side or the other, never on both or neither.
 

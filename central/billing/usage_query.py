@@ -2,7 +2,7 @@
 
 A query asks for the usage of a namespace (optionally one identifier) in a half-open
 range ``[start, end)`` of epoch milliseconds. The ledger keeps usage at three levels
-(hour, day, month; see ``central/rollups.py``), and the coarse levels cannot be split:
+(hour, day, month; see ``central/billing/rollups.py``), and the coarse levels cannot be split:
 ``plan`` cuts the range into segments, each aligned to the level that answers it, and
 refuses (422) only when the range needs detail that has been pruned.
 """
@@ -206,7 +206,7 @@ def _group_by(value: object) -> tuple[bool, Period | None]:
 class Segment:
     """``[start, end)`` answered by ``level``: ``hour`` sums hourly rows; ``day`` sums daily
     rows plus what hourly rows hold beyond them; ``month`` sums monthly rows plus what
-    daily and hourly rows hold beyond those (see ``central/rollups.py``)."""
+    daily and hourly rows hold beyond those (see ``central/billing/rollups.py``)."""
 
     level: Level
     start: int

@@ -1,7 +1,7 @@
 """Reading usage from the three levels of the ledger, in one consistent snapshot.
 
 Every unit of usage is counted at exactly one level at any moment (see
-``central/rollups.py``): in monthly rows, or as the part of a daily or hourly row not yet
+``central/billing/rollups.py``): in monthly rows, or as the part of a daily or hourly row not yet
 rolled up (its "pending" part). A segment planned by ``usage_query.plan`` therefore sums
 - ``hour``: hourly rows in full (hour detail exists from ``hourly_from`` on);
 - ``day``: daily rows in full, plus the pending part of hourly rows;

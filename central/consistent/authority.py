@@ -3,7 +3,7 @@
 Every central replica serves the request subject in one queue group. Within a replica,
 each key belongs to one of a few lanes; a lane decides in micro-batches: whatever
 requests queued up while its previous transaction ran are decided in ONE transaction
-on the lane's own connection (central/consistent_tx.py), which commits before any reply
+on the lane's own connection (central/consistent/tx.py), which commits before any reply
 goes out. Lanes let unrelated keys commit side by side instead of queueing behind each
 other.
 """

@@ -1,6 +1,6 @@
 """The authority's decisions for one batch, given the locked rows: pure, no I/O.
 
-Both transaction kinds (central/consistent_tx.py) lock the batch's rows, hand them here,
+Both transaction kinds (central/consistent/tx.py) lock the batch's rows, hand them here,
 and write back what comes out.
 """
 
