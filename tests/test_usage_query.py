@@ -1,4 +1,5 @@
-"""Usage queries without I/O (central/billing/usage_query.py): validation, periods, planning, CSV."""
+"""Usage queries without I/O (central/billing/usage_query.py): validation, periods,
+planning, CSV."""
 
 from __future__ import annotations
 
