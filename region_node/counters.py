@@ -195,7 +195,9 @@ class CounterStore:
                 continue  # central counted under another window length
             # A sliding window weighs the previous window; a token bucket still debits
             # other nodes' usage of a window that has just ended.
-            horizon = end + (0 if policy.algorithm == "fixed_window" else duration.ms)
+            algorithm = ALGORITHMS[policy.algorithm]
+            weighs_after_end = algorithm.past_windows > 0 or algorithm.debits_remote
+            horizon = end + (duration.ms if weighs_after_end else 0)
             if horizon <= now and total.blocked_until <= now:
                 continue
             if state is None:
@@ -218,7 +220,7 @@ class CounterStore:
                 continue
             if delta > 0:
                 raised.append(total)
-                if policy.algorithm == "token_bucket":
+                if algorithm.debits_remote:
                     refill(state, policy, now)
                     state.level -= delta * duration.ms
         return raised

@@ -112,3 +112,17 @@ def test_only_sync_http_imports_a_web_framework() -> None:
     wrong = [line for line in imports_of("sync", ("fastapi", "starlette", "uvicorn"))
              if not line.startswith("sync/http/")]
     assert wrong == []
+
+
+def test_callers_ask_the_algorithm_instead_of_branching_on_its_name() -> None:
+    # sync/algorithms: blocks, past_windows, debits_remote, windowed_usage. Exempt: where
+    # an override inherits `burst`, a field of the policy (only token buckets take one).
+    names = ('"fixed_window"', '"sliding_window"', '"token_bucket"')
+    exempt = {"central/config/store.py", "region_node/policy_file.py"}
+    branches = [f"{name}:{number}"
+                for package in ("central", "region_node")
+                for path in sorted((ROOT / package).rglob("*.py"))
+                if (name := str(path.relative_to(ROOT))) not in exempt
+                for number, line in enumerate(path.read_text().splitlines(), start=1)
+                if any(n in line for n in names) and "Literal[" not in line]
+    assert branches == []

@@ -69,12 +69,11 @@ def seed_starts(policy: Policy, now: int) -> list[int]:
     """Window starts whose fast-mode usage a new key's row starts from: the current
     window, and for a sliding window the one before. A token bucket starts full: its
     windows say how much was used, not when, so not how much has refilled since."""
-    if policy.algorithm == "token_bucket":
+    algorithm = ALGORITHMS[policy.algorithm]
+    if not algorithm.windowed_usage:
         return []
     start, _ = window_bounds(policy.duration, now)
-    if policy.algorithm == "sliding_window":
-        return [start, start - policy.duration.ms]
-    return [start]
+    return [start - back * policy.duration.ms for back in range(1 + algorithm.past_windows)]
 
 
 def fresh_row(key: KeyId, policy: Policy, now: int, used: WindowUsage | None = None

@@ -12,6 +12,7 @@ from sqlalchemy import BigInteger, Delete, Table, Text, delete, func, or_
 from sqlalchemy.orm import Mapped, mapped_column
 
 from central.models import Base
+from sync.algorithms import ALGORITHMS
 
 
 class ConsistentKey(Base):
@@ -48,4 +49,9 @@ def idle_keys_delete(*, now: int, updated_before: int) -> Delete:
     return delete(consistent_keys).where(
         c.updated_at < updated_before,
         c.cur_end + span <= now,
-        or_(c.algorithm != "token_bucket", c.level_at + refill_spans * span <= now))
+        or_(c.algorithm.not_in(_LEVEL_ALGORITHMS), c.level_at + refill_spans * span <= now))
+
+
+# Algorithms whose state is a level that refills (not usage per window): their keys stay
+# until the level could be full again.
+_LEVEL_ALGORITHMS = tuple(name for name, a in ALGORITHMS.items() if not a.windowed_usage)

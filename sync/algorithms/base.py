@@ -69,6 +69,26 @@ class KeyState:
 
 
 class Algorithm(Protocol):
+    """One algorithm, one file. Besides deciding, it answers what callers would otherwise
+    branch on by name (the counters, central's totals, consistent mode)."""
+
+    blocks: bool
+    """Reaching the limit blocks the key until its window ends (central's block decision
+    reaches every node). A token bucket refills instead: it never blocks, and may admit
+    more than limit per window (its burst)."""
+
+    past_windows: int
+    """Whole windows before the current one whose usage still weighs on a decision."""
+
+    debits_remote: bool
+    """Other nodes' usage, when central reports it, is taken out of this node's state (a
+    token bucket's level), so a window's totals matter until one window after its end."""
+
+    windowed_usage: bool
+    """Usage counted per window says what is left, so a new key may start from the usage
+    of its windows. A token bucket's windows say how much was used, not when: not how much
+    has refilled since."""
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         """Admit ``cost`` if it fits (and record it), else record a denial. ``cost`` 0 asks
         whether one unit would fit and consumes nothing."""
