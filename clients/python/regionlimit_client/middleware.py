@@ -168,7 +168,7 @@ async def _send_json(
 
 
 class RateLimitMiddleware:
-    """Rate-limit an ASGI app through a region node. See the README, "Protect a FastAPI app".
+    """Rate-limit an ASGI app through a region node. See docs/client.md.
 
     Beyond the API.md keywords: `token` (node token, sent as a bearer token),
     `failure_threshold` / `cool_down` (circuit breaker), `hash_identifier` (how identifiers
