@@ -19,7 +19,7 @@ itself rolls up only every 100 days in this run, so the levels stay as set up):
   key), streamed; time to the last byte and rows received, `--exports` times.
 
 Targets (issue): one-key p99 <= 50 ms; 100k-row export <= 5 s. Figures go to
-bench/out/usage_query.json, the plot to docs/usage_query.png. About 5 minutes, plus
+bench/out/usage_query.json, the plot to bench/out/usage_query.png. About 5 minutes, plus
 ~25 minutes for the rollup of the month's 10 million rows (skip it: --no-rollup).
 """
 
@@ -56,7 +56,7 @@ REGIONS = ("eu", "us", "ap")
 TARGET_P99_MS = 50.0
 TARGET_EXPORT_S = 5.0
 AUTH = {"authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PLOT = Path(__file__).resolve().parent.parent / "docs" / "usage_query.png"
+PLOT = Path(__file__).resolve().parent / "out" / "usage_query.png"
 
 # Row i of key k: region i % 3, hour (k + i) * 7 mod 744 - distinct for i < 744, since 7 and
 # 744 are coprime - so (key, region, hour) is unique, as in the real table. Inserted hour by

