@@ -170,7 +170,7 @@ def _simulate(limit: int, share: float, admits: list[tuple[int, int]], nodes: in
     others_seen = [0] * nodes
     pending: list[tuple[int, int, list[int]]] = []  # (due step, node, components)
     for step, node in admits:
-        for due, target, components in [p for p in pending if p[0] <= step]:
+        for _due, target, components in [p for p in pending if p[0] <= step]:
             others_seen[target] = max(others_seen[target],
                                       sum(components) - components[target])
         pending = [p for p in pending if p[0] > step]
