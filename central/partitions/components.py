@@ -26,6 +26,7 @@ from array import array
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Generic, TypeVar
 
 from sync.errors import InvalidField
@@ -341,7 +342,8 @@ class ComponentTable:
         buckets: list[BucketValue] = []
         keys: list[BucketKey] = []
         seqs: list[int] = []
-        for key in list(self._buckets)[:max_buckets]:  # dicts keep insertion order
+        # Dicts keep insertion order: the oldest buckets first, in O(batch).
+        for key in list(islice(self._buckets, max_buckets)):
             admitted, denied = self._buckets.pop(key)
             seqs.append(self._bucket_seq.pop(key))
             keys.append(key)
