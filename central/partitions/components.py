@@ -26,7 +26,6 @@ from array import array
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from itertools import islice
 from typing import Generic, TypeVar
 
 from sync.errors import InvalidField
@@ -125,7 +124,7 @@ class ComponentTable:
     """The components of one partition (see the module docstring)."""
 
     __slots__ = (
-        "_admitted", "_bucket_seq", "_buckets", "_denied", "_dirty_queue",
+        "_admitted", "_bucket_queue", "_bucket_seq", "_buckets", "_denied", "_dirty_queue",
         "_first_dirty_seq", "_head", "_key_index", "_keys", "_last_seq", "_next",
         "_node", "_open_seqs", "_pending_per_seq", "_policy", "_redirty_seq", "_region",
         "_slot",
@@ -156,6 +155,7 @@ class ComponentTable:
         self._dirty_queue: deque[int] = deque()
         self._redirty_seq: dict[int, int] = {}  # in-flight rows raised again -> seq
         self._buckets: dict[BucketKey, list[int]] = {}
+        self._bucket_queue: deque[BucketKey] = deque()  # keys of _buckets, oldest first
         self._bucket_seq: dict[BucketKey, int] = {}
         self._pending_per_seq: dict[int, int] = {}  # seq -> dirty rows/buckets from it
         self._open_seqs: deque[int] = deque()  # seqs with pending work, ascending
@@ -324,6 +324,7 @@ class ComponentTable:
         if bucket is None:
             self._buckets[key] = [admitted, denied]
             self._bucket_seq[key] = seq
+            self._bucket_queue.append(key)
             self._pending(seq, 1)
         else:
             bucket[0] += admitted
@@ -342,8 +343,10 @@ class ComponentTable:
         buckets: list[BucketValue] = []
         keys: list[BucketKey] = []
         seqs: list[int] = []
-        # Dicts keep insertion order: the oldest buckets first, in O(batch).
-        for key in list(islice(self._buckets, max_buckets)):
+        # Oldest first, in O(batch) (popping a dict's first keys over and over would
+        # make each iteration skip all the holes left at its front).
+        while self._bucket_queue and len(keys) < max_buckets:
+            key = self._bucket_queue.popleft()
             admitted, denied = self._buckets.pop(key)
             seqs.append(self._bucket_seq.pop(key))
             keys.append(key)
@@ -352,6 +355,7 @@ class ComponentTable:
                                        self.regions.values[region], hour, admitted, denied))
         if not self._buckets:  # an emptied dict keeps its table (~50 B a slot): drop it
             self._buckets, self._bucket_seq = {}, {}
+            self._bucket_queue = deque()
         return Checkpoint(tuple(rows), tuple(values), tuple(buckets), tuple(keys),
                           tuple(seqs))
 
@@ -388,12 +392,14 @@ class ComponentTable:
                 self._pending(self._redirty_seq.pop(row), -1)
             self._state[row] = _DIRTY
             self._dirty_queue.appendleft(row)
-        for key, seq, bucket in zip(checkpoint.bucket_keys, checkpoint.bucket_seqs,
-                                    checkpoint.buckets, strict=True):
+        owed = zip(checkpoint.bucket_keys, checkpoint.bucket_seqs, checkpoint.buckets,
+                   strict=True)
+        for key, seq, bucket in reversed(list(owed)):  # back at the front, in order
             existing = self._buckets.get(key)
             if existing is None:
                 self._buckets[key] = [bucket.admitted, bucket.denied]
                 self._bucket_seq[key] = seq
+                self._bucket_queue.appendleft(key)
                 continue
             # Merged again meanwhile: one increase owed from the older of both seqs.
             existing[0] += bucket.admitted
