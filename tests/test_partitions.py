@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -46,7 +47,8 @@ def test_partition_is_stable_across_processes() -> None:
     code = ("from sync.partitions import partition_of;"
             "print([partition_of('api', f'k{i}') for i in range(50)])")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              check=True, env={"PYTHONHASHSEED": str(seed)}).stdout
+                              check=True, env={"PYTHONHASHSEED": str(seed)},
+                              cwd=Path(__file__).resolve().parent.parent).stdout
                for seed in (1, 2)}
     assert len(outputs) == 1
     assert outputs.pop().strip() == str([partition_of("api", f"k{i}") for i in range(50)])
