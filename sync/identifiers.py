@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 DIGEST_SIZE = 16  # 128 bits: 32 hex characters
+# The shape of every identifier hash: the HTTP APIs and the message decoder both check it.
+HASH_PATTERN = f"^[0-9a-f]{{{DIGEST_SIZE * 2}}}$"
+KEY_HASH = re.compile(HASH_PATTERN[1:-1])  # with fullmatch
 
 
 class IdentifierHasher:
