@@ -11,9 +11,12 @@ import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
+from region_node.http import check_route
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
 from region_node.spill import read_spill
@@ -68,3 +71,30 @@ async def test_a_stop_while_nats_stalls_spills_what_the_flush_held(
     entries = [entry for _, batch in read_spill(spill) for entry in batch.entries]
     assert sum(entry.admitted for entry in entries) == CHECKS
     assert len({entry.key_hash for entry in entries}) == CHECKS
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("path", ["/v1/check", "/v1/check/batch"])
+async def test_a_request_cancelled_while_its_body_arrives_gets_a_503(path: str) -> None:
+    """At SIGTERM uvicorn cancels requests still in flight after its grace period; one
+    still waiting for its body used to end in a 500 (issue 10)."""
+    node = RegionNode(NodeSettings(region="t"), secret="s", clock=lambda: T0)
+    app = check_route(node.endpoints, path)
+    waiting = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        waiting.set()
+        await asyncio.Event().wait()  # the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+    request = asyncio.create_task(app(scope, receive, send))
+    await waiting.wait()
+    request.cancel()
+    await request  # ends without raising: the cancellation was answered
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert orjson.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
