@@ -152,6 +152,19 @@ class LedgerStore:
             result = await connection.execute(query)
             return [ComponentRow(**row._asdict()) for row in result]
 
+    async def stream_components(
+        self, *, window_end_after: int, chunk: int = 2000
+    ) -> AsyncIterator[list[ComponentRow]]:
+        """``load_components`` in chunks from a server-side cursor, so a caller can let
+        other work run between chunks (a new leader must keep answering checks)."""
+        query = select(*(components.c[name] for name in _COMPONENT_FIELDS)).where(
+            components.c.window_end > window_end_after
+        )
+        async with self._engine.connect() as connection:
+            result = await connection.stream(query.execution_options(yield_per=chunk))
+            async for rows in result.partitions(chunk):
+                yield [ComponentRow(**row._asdict()) for row in rows]
+
     async def prune_components(self, *, window_end_before: int) -> int:
         """Delete components of windows that ended before ``window_end_before``."""
         async with self._write_transaction() as connection:

@@ -370,3 +370,13 @@ async def test_large_batches_round_trip(store: LedgerStore) -> None:
     totals = await store.usage_totals("api")
     assert len(totals) == 10_000
     assert sum(admitted for admitted, _ in totals.values()) == sum(r.admitted for r in rows)
+
+
+async def test_streamed_components_are_the_loaded_ones_in_chunks(store: LedgerStore) -> None:
+    rows = [component(key_hash=f"k{i:03d}", admitted=i + 1) for i in range(25)]
+    await store.write(rows, [])
+    chunks = [chunk async for chunk in store.stream_components(window_end_after=0, chunk=10)]
+    assert [len(chunk) for chunk in chunks] == [10, 10, 5]
+    assert sorted(r.key for chunk in chunks for r in chunk) == sorted(r.key for r in rows)
+    assert [chunk async for chunk in store.stream_components(
+        window_end_after=rows[0].window_end)] == []
