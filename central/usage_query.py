@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sync.errors import InvalidField
+from sync.identifiers import KEY_HASH
 from sync.policy import NAMESPACE
 from sync.windows import month_bounds
 
@@ -29,7 +30,6 @@ MAX_IDENTIFIER_BYTES = 256
 MAX_TIME_MS = 253_399_622_400_000
 MAX_TIME_TEXT = "9999-12-01T00:00:00Z"
 
-IDENTIFIER_HASH = re.compile(r"[0-9a-f]{32}")
 DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 FIELDS = frozenset({"namespace", "identifier", "identifier_hash", "from", "to", "group_by"})
 GROUPS = ("region", "day", "month")
@@ -187,7 +187,7 @@ def _key_hash(body: dict[str, Any], hash_identifier: Callable[[str], str]) -> st
             raise InvalidField("identifier", "identifier must be 1..256 bytes of UTF-8")
         return hash_identifier(identifier)
     if given_hash is not None:
-        if not isinstance(given_hash, str) or not IDENTIFIER_HASH.fullmatch(given_hash):
+        if not isinstance(given_hash, str) or not KEY_HASH.fullmatch(given_hash):
             raise InvalidField("identifier_hash",
                                "identifier_hash must be 32 lowercase hex characters")
         return given_hash
