@@ -149,7 +149,7 @@ class LeaderIngest:
                 return
             started = time.perf_counter()
             try:
-                await self._ledger.write(rows, increments)
+                quarantined = await self._ledger.write(rows, increments, now=self._clock())
             except Exception as exc:
                 self._totals.return_unsaved(rows, increments)
                 self._unacked = messages + self._unacked
@@ -159,6 +159,11 @@ class LeaderIngest:
                 if isinstance(exc, LeadershipLost):
                     raise
                 return
+            if quarantined:
+                # The rest of the batch committed; the refused rows wait in the table.
+                self._metrics.quarantined.inc(quarantined)
+                log.error("ledger refused %d rows; they are in usage_quarantine",
+                          quarantined)
             self._metrics.commit_seconds.observe(time.perf_counter() - started)
             self._metrics.unsaved.set(self._totals.unsaved)
             for msg in messages:

@@ -132,8 +132,12 @@ class CentralService:
         now = self.clock()
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
                               over_admission=self.over_admission)
-        totals.load(await self.ledger.load_components(
-            window_end_after=now - totals.retention_ms))
+        # In chunks, yielding between them: this loop also answers consistent checks,
+        # and one pass over every key-window stalled them past their timeout (issue 10).
+        async for rows in self.ledger.stream_components(
+                window_end_after=now - totals.retention_ms):
+            totals.load_more(rows)
+            await asyncio.sleep(0)
         self.totals = totals
         assert self.link.nc is not None
         ingest = LeaderIngest(

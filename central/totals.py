@@ -199,6 +199,10 @@ class GlobalTotals:
     def load(self, rows: Iterable[ComponentRow]) -> None:
         """Rebuild from the ledger (a new leader); replaces the in-memory state."""
         self.windows.clear()
+        self.load_more(rows)
+
+    def load_more(self, rows: Iterable[ComponentRow]) -> None:
+        """Add one more chunk of a rebuild from the ledger (rows of distinct components)."""
         for row in rows:
             policy = build_policy(limit=row.limit, duration=row.duration,
                                   algorithm=row.algorithm, burst=row.burst)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from sync.algorithms import ALGORITHMS
 from sync.algorithms.base import (
     CUR_DIRTY,
+    MAX_COUNT,
     PREV_DIRTY,
     Decision,
     KeyState,
@@ -74,9 +75,9 @@ class CounterStore:
         """Count usage decided elsewhere (a consistent-mode fallback) so it is published."""
         key, state = self._current(namespace, key_hash, policy, now)
         if admitted:
-            state.cur += cost
+            state.cur = min(MAX_COUNT, state.cur + cost)
         else:
-            state.cur_denied += cost
+            state.cur_denied = min(MAX_COUNT, state.cur_denied + cost)
         if cost and self._publishes:
             state.flags |= CUR_DIRTY
             self._dirty.add(key)

@@ -19,6 +19,11 @@ MAX_BATCH = 1000
 Headers = list[tuple[bytes, bytes]]
 Reply = tuple[int, Headers, bytes]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+# The answer to a request whose body had not arrived when the server stopped (SIGTERM:
+# uvicorn waits for requests in flight, then cancels them).
+SHUTTING_DOWN = ApiError(503, "shutting_down",
+                         "the node is stopping and the request body did not arrive in time; "
+                         "retry on another node")
 
 log = logging.getLogger("regionlimit.node")
 
@@ -139,6 +144,11 @@ def check_route(endpoints: CheckEndpoints, path: str) -> Any:
             await send_reply(send, error_reply(exc))
             return
         except ConnectionResetError:
+            return
+        except asyncio.CancelledError:
+            # Not re-raised: uvicorn would answer a cancelled request with a 500. The task
+            # ends here either way, which is all the cancellation asks for.
+            await send_reply(send, error_reply(SHUTTING_DOWN))
             return
         await send_reply(send, await handler(body))
 

@@ -199,13 +199,24 @@ class NodeSync:
                 if not self._spilled:
                     write_spill(self._spill_path, [])
             groups = self._store.take_usage(self._clock())
-            for index, (flushed_at, entries) in enumerate(groups):
-                try:
-                    published = await publisher.publish(flushed_at, entries)
-                except PublishFailed as exc:
-                    self._metrics.counters["batches_failed"] += 1
-                    self._store.return_usage([(flushed_at, exc.remaining), *groups[index + 1:]])
-                    log.warning("usage publication failed (%s); %d key-windows kept",
-                                exc.reason, self._store.unpublished)
-                    return
-                self._metrics.counters["batches_published"] += published
+            index = 0
+            try:
+                for index, (flushed_at, entries) in enumerate(groups):
+                    try:
+                        published = await publisher.publish(flushed_at, entries)
+                    except PublishFailed as exc:
+                        self._metrics.counters["batches_failed"] += 1
+                        self._store.return_usage(
+                            [(flushed_at, exc.remaining), *groups[index + 1:]])
+                        log.warning("usage publication failed (%s); %d key-windows kept",
+                                    exc.reason, self._store.unpublished)
+                        return
+                    self._metrics.counters["batches_published"] += published
+            except BaseException:
+                # Cancelled mid-publication (a stop while NATS stalls) or failed some other
+                # way: what this flush holds goes back to the outbox, so the stop spills
+                # it. The group in flight may have been published in part; counts are
+                # cumulative and central merges by maximum, so publishing it again is
+                # harmless.
+                self._store.return_usage(groups[index:])
+                raise

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import TypeGuard
 
 from sync.errors import InvalidField
 
 DIGEST_SIZE = 16  # 128 bits: 32 hex characters
+# The shape of every identifier hash: the HTTP APIs and the message decoder both check it.
+HASH_PATTERN = f"^[0-9a-f]{{{DIGEST_SIZE * 2}}}$"
+KEY_HASH = re.compile(HASH_PATTERN[1:-1])  # with fullmatch
 # The contract's identifier rule, in its one home: every path (node checks, admin API,
 # usage queries, the command line) asks is_identifier / check_identifier.
 MAX_IDENTIFIER_BYTES = 256

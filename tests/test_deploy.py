@@ -70,6 +70,7 @@ COUNTERS = {
     "regionlimit_consistent_fallbacks_total", "regionlimit_ingest_entries_total",
     "regionlimit_messages_malformed_total", "regionlimit_messages_rejected_total",
     "regionlimit_over_admission_total",
+    "regionlimit_ledger_quarantined_total",
 }
 GAUGES = {
     "regionlimit_active_keys", "regionlimit_dirty_counters", "regionlimit_sync_state",

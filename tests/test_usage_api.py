@@ -100,6 +100,9 @@ async def test_bad_requests_are_400_or_422_naming_the_field(client: httpx.AsyncC
         ({"namespace": "api", "to": "next tuesday"}, "to"),
         ({"namespace": "api", "from": "2026-12-01", "to": "2026-11-01"}, "to"),
         ({"namespace": "api", "limit": 5}, "limit"),
+        # December 9999 used to be planned into year 10000: a 500 (issue 10).
+        ({"namespace": "api", "from": "2026-11-01", "to": "9999-12-31T00:00:00Z"}, "to"),
+        ({"namespace": "api", "from": "9999-12-02", "to": "9999-12-03"}, "from"),
     ]
     for body, field in cases:
         response = await query(client, **body)

@@ -29,7 +29,7 @@ from central.billing.usage_store import UsageStore
 from central.service import CentralService
 from sync.api_errors import NOT_JSON, ApiError, ErrorBody, from_invalid_field
 from sync.errors import InvalidField
-from sync.identifiers import MAX_IDENTIFIER_BYTES
+from sync.identifiers import HASH_PATTERN, MAX_IDENTIFIER_BYTES
 from sync.policy import NAMESPACE_PATTERN
 
 log = logging.getLogger("regionlimit.central")
@@ -49,7 +49,7 @@ class UsageQueryBody(BaseModel):
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
     identifier: str | None = Field(default=None, min_length=1, max_length=MAX_IDENTIFIER_BYTES,
                                    description="Raw identifier; hashed on arrival")
-    identifier_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$",
+    identifier_hash: str | None = Field(default=None, pattern=HASH_PATTERN,
                                         description="Instead of identifier")
     from_: str | int | None = Field(default=None, alias="from",
                                     description=f"Inclusive. {TIME_DOC}")

@@ -18,16 +18,17 @@ from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from sync.errors import InvalidField
-from sync.identifiers import check_identifier
+from sync.identifiers import KEY_HASH, check_identifier
 from sync.policy import NAMESPACE
 from sync.windows import month_bounds
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
-# Epoch ms beyond year 9999 cannot be shown as ISO dates; nobody bills that far.
-MAX_TIME_MS = 253_402_300_800_000
+# The last time a query may name: 9999-12-01T00:00:00Z. Planning rounds a time up to the
+# next month, and the month after December 9999 is not a date Python (or ISO) can hold.
+MAX_TIME_MS = 253_399_622_400_000
+MAX_TIME_TEXT = "9999-12-01T00:00:00Z"
 
-IDENTIFIER_HASH = re.compile(r"[0-9a-f]{32}")
 DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 FIELDS = frozenset({"namespace", "identifier", "identifier_hash", "from", "to", "group_by"})
 GROUPS = ("region", "day", "month")
@@ -48,7 +49,9 @@ def ceil_day(ms: int) -> int:
 
 
 def floor_month(ms: int) -> int:
-    return month_bounds(ms)[0]
+    # Not month_bounds: that also builds the next month, which December 9999 lacks.
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp()) * 1000
 
 
 def next_month(ms: int) -> int:
@@ -93,8 +96,8 @@ def parse_time(value: object, field: str) -> int:
     if isinstance(value, bool):  # bool is an int in Python, never a time in JSON
         raise _time_error(field, value)
     if isinstance(value, int):
-        if not 0 <= value < MAX_TIME_MS:
-            raise InvalidField(field, f"{field} must be epoch milliseconds from 0 on")
+        if not 0 <= value <= MAX_TIME_MS:
+            raise _range_error(field)
         return value
     if not isinstance(value, str) or not value or len(value) > 64:
         raise _time_error(field, value)
@@ -110,9 +113,13 @@ def parse_time(value: object, field: str) -> int:
         moment = moment.replace(tzinfo=UTC)
     delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
     ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-    if not 0 <= ms < MAX_TIME_MS:
-        raise InvalidField(field, f"{field} must not be before 1970-01-01")
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise _range_error(field)
     return ms
+
+
+def _range_error(field: str) -> InvalidField:
+    return InvalidField(field, f"{field} must be from 1970-01-01T00:00:00Z to {MAX_TIME_TEXT}")
 
 
 def _time_error(field: str, value: object) -> InvalidField:
@@ -176,7 +183,7 @@ def _key_hash(body: dict[str, Any], hash_identifier: Callable[[str], str]) -> st
     if identifier is not None:
         return hash_identifier(check_identifier(identifier))
     if given_hash is not None:
-        if not isinstance(given_hash, str) or not IDENTIFIER_HASH.fullmatch(given_hash):
+        if not isinstance(given_hash, str) or not KEY_HASH.fullmatch(given_hash):
             raise InvalidField("identifier_hash",
                                "identifier_hash must be 32 lowercase hex characters")
         return given_hash

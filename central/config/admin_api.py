@@ -15,10 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from central.service import CentralService
 from sync.api_errors import ApiError, ErrorBody
 from sync.errors import InvalidField
-from sync.identifiers import IDENTIFIER_RULE, MAX_IDENTIFIER_BYTES, is_identifier
+from sync.identifiers import HASH_PATTERN, IDENTIFIER_RULE, MAX_IDENTIFIER_BYTES, is_identifier
 from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN, build_policy
 
-HASH_PATTERN = r"^[0-9a-f]{32}$"
 NamespaceName = Annotated[str, Path(pattern=NAMESPACE_PATTERN)]
 IdentifierHash = Annotated[str, Path(pattern=HASH_PATTERN)]
 Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]

@@ -11,6 +11,11 @@ from sync.policy import Policy
 Bounds = Callable[[Duration, int], tuple[int, int]]
 Retire = Callable[["KeyState", bool], None]  # (state, both windows?) before they move
 
+# Counters saturate here instead of growing without bound: 2^53 - 1 keeps every count an
+# exact JSON number, and the ledger's BIGINT sums (one count per node, added per region
+# and hour) stay far from 2^63 - 1. Only denied cost can get near it (denials have no cap).
+MAX_COUNT = 2**53 - 1
+
 CUR_DIRTY = 1
 PREV_DIRTY = 2
 
@@ -103,7 +108,8 @@ class Algorithm(Protocol):
 def deny(state: KeyState, algorithm: Algorithm, policy: Policy, now: int, cost: int,
          fits: bool, remaining: int, reset_at: int) -> Decision:
     """Record a denial; ``fits`` is true when only a central block decision denies."""
-    state.cur_denied += cost
+    denied = state.cur_denied + cost
+    state.cur_denied = denied if denied < MAX_COUNT else MAX_COUNT
     retry = state.blocked_until - now
     if not fits:
         retry = max(retry, algorithm.retry_after(state, policy, now, cost or 1))
