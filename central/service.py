@@ -52,7 +52,8 @@ class CentralService:
         self.metrics.track_over_admission(lambda: dict(self.over_admission))
         self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
-                                         tls_ca=settings.nats_tls_ca, name=self.replica_id))
+                                         tls_ca=settings.nats_tls_ca, name=self.replica_id,
+                                         js_domain=settings.js_domain))
         self.is_leader = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -137,7 +138,9 @@ class CentralService:
         self.totals = totals
         assert self.link.nc is not None
         ingest = LeaderIngest(
-            nc=self.link.nc, ledger=self.ledger, totals=totals, metrics=self.metrics,
+            nc=self.link.nc, js=self.link.jetstream(),
+            stream_limits=self.settings.stream_limits, ledger=self.ledger, totals=totals,
+            metrics=self.metrics,
             clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
             tick_interval=self.settings.seconds("tick_interval"), config=self.current_config,
             rollup=RollupJob.from_settings(self.engine, self.settings))
