@@ -21,7 +21,13 @@ from sqlalchemy import text
 
 from central.database import make_engine
 from central.migrate import run_migrations
-from tests.support.cluster import HOUR_MS, admin, avoid_window_boundary, wait_until
+from tests.support.cluster import (
+    HOUR_MS,
+    admin,
+    avoid_window_boundary,
+    metric_value,
+    wait_until,
+)
 from tests.support.nats_topology import ShippedNatsTopology, shipped_js_domain
 from tests.support.processes import ManagedProcess, base_env, free_port, regionlimit_command
 
@@ -92,13 +98,14 @@ def test_nodes_behind_leaves_sync_remember_namespaces_and_bill(
         processes.append(proc)
         return proc.start(ready_path="/readyz")
 
-    def start_node(region: str, port: int | None = None) -> ManagedProcess:
+    def start_node(region: str, port: int | None = None, *, with_domain: bool = True
+                   ) -> ManagedProcess:
         port = port or free_port()
         proc = ManagedProcess(
             regionlimit_command("node", "--region", region, "--port", str(port),
                                 "--nats-url", topology.leaf_url(region)),
-            env=base_env(REGIONLIMIT_SPILL_PATH=str(tmp_path / f"spill-{region}.msgpack"),
-                         REGIONLIMIT_SNAPSHOT_TIMEOUT="1s", **env),
+            env=base_env(REGIONLIMIT_SPILL_PATH=str(tmp_path / f"spill-{port}.msgpack"),
+                         REGIONLIMIT_SNAPSHOT_TIMEOUT="1s", **(env if with_domain else {})),
             url=f"http://127.0.0.1:{port}")
         processes.append(proc)
         return proc.start(ready_path="/healthz")
@@ -140,6 +147,16 @@ def test_nodes_behind_leaves_sync_remember_namespaces_and_bill(
             metrics = httpx.get(node.url + "/metrics", timeout=2).text
             assert "regionlimit_batches_failed_total" in metrics
         assert billed(postgres_url) == 10
+
+        # Without the domain the JetStream API is unreachable from a leaf: the stream check
+        # fails (counted, retried), but never holds back the snapshot.
+        lost = start_node("eu", with_domain=False)
+        wait_synced(lost)
+        answer = check(lost, "user-lost", 0)
+        assert answer.status_code == 200, answer.text
+        wait_until(lambda: metric_value(httpx.get(lost.url + "/metrics", timeout=2).text,
+                                        "regionlimit_stream_check_failures_total") >= 1,
+                   what="a failed stream check counted")
     except BaseException:
         for proc in processes:
             print(proc.args, proc.log(), sep="\n")
