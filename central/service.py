@@ -18,6 +18,7 @@ from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
+from central.migrate import schema_status
 from central.rollups import RollupJob
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
@@ -161,12 +162,14 @@ class CentralService:
                 await task
 
     async def readiness(self) -> dict[str, Any]:
-        database = "ok"
+        database = schema = "ok"
         try:
             async with asyncio.timeout(2.0), self.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
+                schema = await schema_status(connection)
         except Exception as exc:
-            database = f"unavailable ({type(exc).__name__})"
+            database = schema = f"unavailable ({type(exc).__name__})"
         nats = "ok" if self.link.is_connected else "disconnected"
-        return {"ready": database == "ok" and nats == "ok", "database": database,
-                "nats": nats, "leader": self.is_leader, "replica": self.replica_id}
+        return {"ready": database == "ok" and schema == "ok" and nats == "ok",
+                "database": database, "schema": schema, "nats": nats,
+                "leader": self.is_leader, "replica": self.replica_id}

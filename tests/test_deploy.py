@@ -903,7 +903,6 @@ def test_region_overlay(rendered: dict[str, list[dict[str, Any]]], region: str) 
                       "regionlimit-central" for o in objects)
     assert has_central == (region == HOME_REGION), "central runs in the home region only"
     if has_central:
-        find(objects, "Job", "regionlimit-migrate")
         find(objects, "Service", "regionlimit-central")
         find(objects, "PodDisruptionBudget", "regionlimit-central")
 
@@ -922,7 +921,7 @@ def all_workloads(rendered: dict[str, list[dict[str, Any]]]) -> Iterator[dict[st
 def test_workloads_probes_resources_security(rendered: dict[str, list[dict[str, Any]]]) -> None:
     workloads = list(all_workloads(rendered))
     assert {w["metadata"]["name"] for w in workloads} == {
-        "regionlimit-node", "regionlimit-central", "regionlimit-migrate"}
+        "regionlimit-node", "regionlimit-central"}
     for workload in workloads:
         spec = pod_spec(workload)
         assert spec is not None
@@ -993,9 +992,11 @@ def test_central_and_migration(rendered: dict[str, list[dict[str, Any]]]) -> Non
     url = urllib.parse.urlsplit(env_of(container)["REGIONLIMIT_NATS_URL"]["value"])
     assert url.hostname == "nats-hub.nats.svc.cluster.local", "central talks to the hub"
     assert central["spec"]["replicas"] >= 2
-    job = find(objects, "Job", "regionlimit-migrate")
-    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    # The migration runs before central in every pod: a rollout cannot outrun it.
+    (migrate,) = central["spec"]["template"]["spec"]["initContainers"]
     assert migrate["args"] == ["central", "migrate"]
+    assert migrate["image"] == container["image"]
+    assert not any(o["kind"] == "Job" for o in objects), "no Job racing the Deployment"
     assert set(env_of(migrate)) == {"REGIONLIMIT_DATABASE_URL", "REGIONLIMIT_LOG_LEVEL"}
 
 
