@@ -270,11 +270,11 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def run_healthcheck(port: int | None) -> int:
+def run_healthcheck(port: int | None, *args: str) -> int:
     env = {k: v for k, v in os.environ.items() if k != "REGIONLIMIT_PORT"}
     if port is not None:
         env["REGIONLIMIT_PORT"] = str(port)
-    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py")], env=env,
+    return subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), *args], env=env,
                           timeout=30).returncode
 
 
@@ -284,6 +284,8 @@ def test_healthcheck_script() -> None:
     thread.start()
     try:
         assert run_healthcheck(server.server_address[1]) == 0
+        # compose checks central's /readyz: a 404 (or 503) there is unhealthy
+        assert run_healthcheck(server.server_address[1], "/readyz") == 1
     finally:
         server.shutdown()
         server.server_close()
@@ -434,6 +436,8 @@ def test_compose_topology(compose: dict[str, Any]) -> None:
     assert services["central"]["depends_on"]["migrate"]["condition"] == \
         "service_completed_successfully"
     assert tuple(services["migrate"]["command"]) == ("central", "migrate")
+    assert services["central"]["healthcheck"]["test"][-1] == "/readyz", \
+        "nodes wait for a ready central, not just a live one"
     hub = services["nats-hub"]
     assert "/etc/nats/hub.conf" in hub["command"]
     for region in REGIONS:
