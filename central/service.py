@@ -44,7 +44,9 @@ class CentralService:
         self.hasher = IdentifierHasher(settings.identifier_secret.get_secret_value())
         self.replica_id = f"central.{socket.gethostname().split('.')[0]}.{secrets.token_hex(4)}"
         self.engine = make_engine(database_url)
-        self.lease = LeaderLease(self.engine)
+        lease_timeout = settings.seconds("lease_timeout")
+        self.lease = LeaderLease(self.engine, stale_after=lease_timeout,
+                                 check_timeout=min(5.0, lease_timeout / 2))
         self.ledger = LedgerStore(self.engine, lease=self.lease)
         self.config = ConfigStore(self.engine, clock=clock)
         self.totals: GlobalTotals | None = None

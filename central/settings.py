@@ -37,6 +37,9 @@ class CentralSettings(BaseSettings):
     hourly_retention: str = "35d"
     daily_retention: str = "400d"
     rollup_interval: str = "10m"
+    # A leader whose lease session stays silent this long (frozen, partitioned) is
+    # deposed by a standby; the leader renews it every second.
+    lease_timeout: str = "10s"
     log_level: str = "info"
 
     @property
@@ -44,7 +47,14 @@ class CentralSettings(BaseSettings):
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval")(check_interval)
+                                 "rollup_interval", "lease_timeout")(check_interval)
+
+    @field_validator("lease_timeout")
+    @classmethod
+    def _lease_timeout_range(cls, value: str) -> str:
+        if not 3_000 <= setting_ms(value) <= 300_000:
+            raise ValueError("the lease timeout must be between 3s and 5m")
+        return value
 
     @field_validator("hourly_retention", "daily_retention")
     @classmethod
