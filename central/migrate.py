@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -57,21 +58,38 @@ def _upgrade(connection: Connection, revision: str) -> None:
 
 
 @cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def head_revisions() -> frozenset[str]:
     """The revision(s) the shipped migrations end at (read from the files once)."""
-    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+    return frozenset(_scripts().get_heads())
 
 
-async def schema_status(connection: AsyncConnection) -> str:
-    """"ok" when the database is at the shipped head; otherwise what is wrong, for
-    /readyz: a replica must not take traffic before `regionlimit central migrate` ran."""
-    try:  # a failed query aborts the caller's transaction: use a connection of its own
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    ready: bool
+    detail: str
+
+
+async def schema_status(connection: AsyncConnection) -> SchemaStatus:
+    """Whether this image may serve on the database's schema, for /readyz: not before
+    `regionlimit central migrate` brought it to this image's head. A revision this image
+    does not know was applied by a newer image in the middle of a rollout; migrations
+    keep the previous release working, so the old replicas stay ready meanwhile."""
+    try:  # the caller's connection is discarded right after, aborted or not
         rows = await connection.execute(text("SELECT version_num FROM alembic_version"))
         current = frozenset(str(row[0]) for row in rows)
     except DBAPIError:
-        return "not migrated (run `regionlimit central migrate`)"
-    if current == head_revisions():
-        return "ok"
+        return SchemaStatus(False, "not migrated (run `regionlimit central migrate`)")
+    heads = head_revisions()
+    if current == heads:
+        return SchemaStatus(True, "ok")
+    known = {script.revision for script in _scripts().walk_revisions()}
     found = ", ".join(sorted(current)) or "none"
-    wanted = ", ".join(sorted(head_revisions()))
-    return f"at revision {found}, needs {wanted} (run `regionlimit central migrate`)"
+    if current and not current & known:
+        return SchemaStatus(True, f"ok (newer revision {found})")
+    wanted = ", ".join(sorted(heads))
+    return SchemaStatus(
+        False, f"at revision {found}, needs {wanted} (run `regionlimit central migrate`)")

@@ -164,14 +164,15 @@ class CentralService:
                 await task
 
     async def readiness(self) -> dict[str, Any]:
-        database = schema = "ok"
+        database, schema, schema_ready = "ok", "ok", False
         try:
             async with asyncio.timeout(2.0), self.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
-                schema = await schema_status(connection)
+                status = await schema_status(connection)
+                schema, schema_ready = status.detail, status.ready
         except Exception as exc:
             database = schema = f"unavailable ({type(exc).__name__})"
         nats = "ok" if self.link.is_connected else "disconnected"
-        return {"ready": database == "ok" and schema == "ok" and nats == "ok",
+        return {"ready": database == "ok" and schema_ready and nats == "ok",
                 "database": database, "schema": schema, "nats": nats,
                 "leader": self.is_leader, "replica": self.replica_id}

@@ -8,11 +8,23 @@ import asyncio
 from pathlib import Path
 
 import httpx
+from sqlalchemy import text
 
+from central.database import make_engine
 from central.migrate import head_revisions, run_migrations
 from tests.support.cluster import wait_until
 from tests.support.nats_server import NatsServer
 from tests.support.processes import ManagedProcess, base_env, free_port, regionlimit_command
+
+
+async def set_revision(url: str, revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE alembic_version SET version_num = :r"),
+                                     {"r": revision})
+    finally:
+        await engine.dispose()
 
 
 def readiness(central: ManagedProcess) -> httpx.Response:
@@ -42,6 +54,13 @@ def test_readyz_is_503_until_the_schema_is_at_head(nats_server: NatsServer, post
         wait_until(lambda: readiness(central).status_code == 200, timeout=30,
                    what="/readyz 200 after the migration")
         assert readiness(central).json()["schema"] == "ok"
+
+        # A newer image migrated further in the middle of a rollout: this (older) replica
+        # stays ready, since migrations keep the previous release working.
+        asyncio.run(set_revision(postgres_url, "9999_newer"))
+        answer = readiness(central)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["schema"] == "ok (newer revision 9999_newer)"
     finally:
         central.kill()
 
