@@ -940,6 +940,12 @@ def test_region_overlay(rendered: dict[str, list[dict[str, Any]]], region: str) 
     if has_central:
         find(objects, "Service", "regionlimit-central")
         find(objects, "PodDisruptionBudget", "regionlimit-central")
+        find(objects, "NetworkPolicy", "regionlimit-central")
+    # Nodes reach NATS and DNS only: never the ledger's Postgres.
+    policy = find(objects, "NetworkPolicy", "regionlimit-node")
+    assert policy["spec"]["podSelector"]["matchLabels"] == labels
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {4222, 53}
 
 
 HTTP_PROBES = {"node": 8081, "central": 8080}
