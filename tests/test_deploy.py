@@ -449,7 +449,8 @@ def test_compose_file_passes_the_compose_spec_schema(tmp_path: Path) -> None:
 
 def test_compose_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    expected = {"postgres", "nats-hub", "migrate", "central", "prometheus", "grafana",
+    expected = {"postgres", "nats-hub", "migrate", "central", "central-2", "prometheus",
+                "grafana",
                 *(f"nats-{r}" for r in REGIONS), *(f"node-{r}" for r in REGIONS)}
     assert set(services) == expected
     for name, service in services.items():
@@ -469,6 +470,11 @@ def test_compose_topology(compose: dict[str, Any]) -> None:
     assert tuple(services["migrate"]["command"]) == ("central", "migrate")
     assert services["central"]["healthcheck"]["test"][-1] == "/readyz", \
         "nodes wait for a ready central, not just a live one"
+    # Two replicas of one central: the second differs only in publishing no port.
+    second = services["central-2"]
+    assert {k: v for k, v in second.items() if k != "ports"} == \
+        {k: v for k, v in services["central"].items() if k != "ports"}
+    assert second["ports"] == []
     hub = services["nats-hub"]
     assert "/etc/nats/hub.conf" in hub["command"]
     for region in REGIONS:
