@@ -131,8 +131,26 @@ class CentralService:
             await asyncio.sleep(LEASE_POLL_S)
 
     async def _lead(self) -> None:
-        """One leadership term: rebuild state from the ledger, ingest until the lease is
-        lost. JetStream redelivers whatever the previous leader had not committed."""
+        """One leadership term, renewing the lease every LEASE_POLL_S from its very start
+        (the ledger load included: a standby deposes a lease session that stays silent
+        for the lease timeout) until the term ends or the lease is lost."""
+        term = asyncio.create_task(self._term(), name="leadership-term")
+        try:
+            while not term.done():
+                await asyncio.wait([term], timeout=LEASE_POLL_S)
+                if not term.done() and not await self.lease.check():
+                    log.error("leader lease lost; stepping down")
+                    break
+        finally:
+            term.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await term
+        if not term.cancelled():
+            term.result()  # an error that ended the term
+
+    async def _term(self) -> None:
+        """Rebuild state from the ledger, then ingest. JetStream redelivers whatever the
+        previous leader had not committed."""
         now = self.clock()
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
                               over_admission=self.over_admission)
@@ -151,17 +169,7 @@ class CentralService:
         self.metrics.leader.set(1)
         log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,
                  len(totals.windows))
-        task = asyncio.create_task(ingest.run(), name="ingest")
-        try:
-            while not task.done():
-                await asyncio.wait([task], timeout=LEASE_POLL_S)
-                if not task.done() and not await self.lease.check():
-                    log.error("leader lease lost; stepping down")
-                    break
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await ingest.run()
 
     async def readiness(self) -> dict[str, Any]:
         database, schema, schema_ready = "ok", "ok", False

@@ -30,6 +30,7 @@ from sync.publisher import (
 
 log = logging.getLogger("regionlimit.sync")
 SNAPSHOT_RETRY_S = 2.0
+STREAM_CHECK_MAX_DELAY_S = 60.0
 FINAL_FLUSH_TIMEOUT_S = 5.0
 
 
@@ -152,6 +153,7 @@ class NodeSync:
         does not answer (a leaf without REGIONLIMIT_JS_DOMAIN, a hub still electing) only
         delays the check, never the node's configuration and totals. Central's leader
         creates the stream too, so a check that keeps failing is logged, not fatal."""
+        delay = SNAPSHOT_RETRY_S
         while True:
             try:
                 await ensure_usage_stream(self.link.jetstream(), limits=self._stream_limits)
@@ -159,8 +161,9 @@ class NodeSync:
             except (*PUBLISH_ERRORS, RegionLimitError) as exc:
                 self._metrics.counters["stream_check_failures"] += 1
                 log.warning("usage stream check failed (%s: %s); check REGIONLIMIT_JS_DOMAIN; "
-                            "retrying", type(exc).__name__, exc)
-            await asyncio.sleep(SNAPSHOT_RETRY_S)
+                            "retrying in %.0fs", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(STREAM_CHECK_MAX_DELAY_S, delay * 2)  # a lasting misconfiguration
 
     async def _load_snapshot(self) -> None:
         assert self._listener is not None
