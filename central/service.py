@@ -142,7 +142,16 @@ class CentralService:
                     log.error("leader lease lost; stepping down")
                     break
         finally:
+            # No longer the leader from this moment (writes are fenced anyway), however
+            # long the term's tasks take to unwind.
+            self.is_leader = False
+            self.metrics.leader.set(0)
             term.cancel()
+            while not term.done():
+                await asyncio.wait([term], timeout=STOP_STEP_S)
+                if not term.done():
+                    log.warning("leadership term still unwinding after lease loss: %s",
+                                term.get_stack(limit=3))
             with contextlib.suppress(asyncio.CancelledError):
                 await term
         if not term.cancelled():

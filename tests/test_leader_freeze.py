@@ -91,11 +91,14 @@ def test_a_frozen_leader_is_replaced_and_fenced(cluster: Cluster) -> None:
     # Resumed, the old leader notices its lost lease and writes nothing.
     wait_until(lambda: "leader lease lost" in first.log(), timeout=60,
                what=f"the old leader steps down\n{first.log()}")
-    wait_until(lambda: not is_leader(first), timeout=30, what="old leader reports standby")
+    wait_until(lambda: not is_leader(first), timeout=30,
+               what=f"old leader reports standby\n{first.log()[-6000:]}")
     assert is_leader(second)
     for _ in range(4):
         assert check(client, node.url, NAMESPACE, "dave")["allowed"]
     wait_until(lambda: billed_exactly(cluster, 5 + 3 + 7 + 4), timeout=REDELIVERY_DEADLINE_S,
-               what="every check billed exactly once")
+               what="every check billed exactly once: "
+               f"{cluster.components_total(NAMESPACE)} {cluster.billed(NAMESPACE)}\n"
+               f"{first.log()[-4000:]}")
     assert is_leader(second) and not is_leader(first)
     assert billed_exactly(cluster, 19)
