@@ -129,6 +129,11 @@ class LeaderIngest:
                           msg.subject)
             await msg.ack()
             return
+        if batch.invalid_entries:
+            self._metrics.malformed.inc(batch.invalid_entries)
+            log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
+                        batch.invalid_entries, msg.subject, batch.invalid_reason,
+                        len(batch.entries))
         self._metrics.ingested.inc(len(batch.entries))
         for reason, count in outcome.rejected.items():
             self._metrics.rejected.labels(reason).inc(count)

@@ -8,8 +8,9 @@ consumer leaves it unacked until central is upgraded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -21,6 +22,7 @@ from sync.policy import NAMESPACE, Policy, build_policy
 USAGE_VERSION = 2
 STATE_VERSION = 1
 MAX_MESSAGE_BYTES = 1_000_000  # NATS' default max_payload is 1 MiB
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,10 @@ class UsageBatch:
     region: str
     flushed_at: int
     entries: list[UsageEntry]
+    # Entries the decoder refused (bad field): dropped one by one, so one poisoned entry
+    # never costs the valid usage that travelled with it.
+    invalid_entries: int = 0
+    invalid_reason: str = ""  # the first refused entry's, for the log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,35 +208,53 @@ def decode_usage(data: bytes) -> UsageBatch:
     rows = obj.get("entries")
     if not isinstance(rows, list):
         raise MalformedMessage("bad entries")
+    policies: list[Policy | None] = []
     if version >= 2:
         raw_policies = obj.get("policies")
         if not isinstance(raw_policies, list):
             raise MalformedMessage("bad policies")
-        policies = [_policy_from_fields(p) for p in raw_policies]
+        policies = [_optional(_policy_from_fields, p) for p in raw_policies]
     entries = []
+    reason = ""
     for row in rows:
-        if not isinstance(row, list) or len(row) != 6:
-            raise MalformedMessage("bad entry")
-        if version >= 2:
-            index = _count(row[5], "policy index")
-            if index >= len(policies):
-                raise MalformedMessage("bad policy index")
-            policy = policies[index]
-        else:
-            p = row[5]
-            if not isinstance(p, dict):
-                raise MalformedMessage("bad policy")
-            policy = _policy_from_fields(
-                [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
-        entries.append(UsageEntry(
-            namespace=_namespace(row[0]),
-            key_hash=_key_hash(row[1]),
-            window_start=_time(row[2], "window start"),
-            admitted=_count(row[3], "admitted"),
-            denied=_count(row[4], "denied"),
-            policy=policy,
-        ))
-    return UsageBatch(node_id, region, flushed_at, entries)
+        try:
+            entries.append(_usage_entry(row, version, policies))
+        except MalformedMessage as exc:
+            reason = reason or exc.reason
+    return UsageBatch(node_id, region, flushed_at, entries, len(rows) - len(entries), reason)
+
+
+def _optional(decode: Callable[..., T], *args: Any) -> T | None:
+    """``decode(*args)``, or None where the value is malformed."""
+    try:
+        return decode(*args)
+    except MalformedMessage:
+        return None
+
+
+def _usage_entry(row: Any, version: int, policies: list[Policy | None]) -> UsageEntry:
+    if not isinstance(row, list) or len(row) != 6:
+        raise MalformedMessage("bad entry")
+    policy: Policy | None
+    if version >= 2:
+        index = _count(row[5], "policy index")
+        policy = policies[index] if index < len(policies) else None
+    else:
+        p = row[5]
+        if not isinstance(p, dict):
+            raise MalformedMessage("bad policy")
+        policy = _policy_from_fields(
+            [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
+    if policy is None:
+        raise MalformedMessage("bad policy")
+    return UsageEntry(
+        namespace=_namespace(row[0]),
+        key_hash=_key_hash(row[1]),
+        window_start=_time(row[2], "window start"),
+        admitted=_count(row[3], "admitted"),
+        denied=_count(row[4], "denied"),
+        policy=policy,
+    )
 
 
 # --- totals and snapshots (central -> nodes, core NATS) -----------------------------------
