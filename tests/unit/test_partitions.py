@@ -48,7 +48,7 @@ def test_partition_is_stable_across_processes() -> None:
             "print([partition_of('api', f'k{i}') for i in range(50)])")
     outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True, env={"PYTHONHASHSEED": str(seed)},
-                              cwd=Path(__file__).resolve().parent.parent).stdout
+                              cwd=Path(__file__).resolve().parents[2]).stdout
                for seed in (1, 2)}
     assert len(outputs) == 1
     assert outputs.pop().strip() == str([partition_of("api", f"k{i}") for i in range(50)])

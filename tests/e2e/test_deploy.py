@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DEPLOY_DOCS = ROOT / "docs" / "deploy.md"
@@ -279,7 +279,7 @@ def test_dockerfile_copies_only_existing_paths_the_dockerignore_keeps() -> None:
             continue  # the README is merged by the lead; pyproject requires it at build
         assert (ROOT / source).exists(), f"COPY {source}: missing in the build context"
         assert not dockerignore_excludes(source, patterns), f".dockerignore drops {source}"
-    for private in (".git/config", ".venv/bin/python", "deploy/.env", "tests/test_deploy.py",
+    for private in (".git/config", ".venv/bin/python", "deploy/.env", "tests/e2e/test_deploy.py",
                     "central/__pycache__/x.pyc"):
         assert dockerignore_excludes(private, patterns), f"{private} reaches the context"
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
@@ -769,7 +769,7 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     k = load_yaml(kfile)
     unsupported = set(k) - KUSTOMIZATION_FIELDS
     assert not unsupported, (f"{kfile}: {sorted(unsupported)} not supported by the offline "
-                             "renderer in tests/test_deploy.py; extend it")
+                             "renderer in tests/e2e/test_deploy.py; extend it")
     assert k.get("kind", "Kustomization") == "Kustomization"
 
     objects: list[dict[str, Any]] = []

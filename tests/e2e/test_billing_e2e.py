@@ -29,7 +29,7 @@ from tests.support.cluster import (
     wait_until,
 )
 from tests.support.nats_server import NatsServer
-from tests.test_sync_e2e import batch, publish
+from tests.e2e.test_sync_e2e import batch, publish
 
 POLICIES = """
 [namespaces.billing]
