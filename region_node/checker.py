@@ -30,7 +30,7 @@ class Authority(Protocol):
     """The consistent-mode seam: asks central to decide one check exactly."""
 
     async def decide(self, namespace: str, key_hash: str, policy: Policy, cost: int,
-                     label: str) -> Result: ...
+                     label: str, protocol: str = "http") -> Result: ...
 
 
 def _field_error(field: str, message: str) -> ApiError:
@@ -49,13 +49,27 @@ class Checker:
         self._metrics = metrics
         self._valid_namespaces: set[str] = set()
 
-    def check(self, body: Any) -> Result | Awaitable[Result]:
-        """Decide a fast-mode check at once; a consistent one returns an awaitable."""
+    def check(self, body: Any, protocol: str = "http") -> Result | Awaitable[Result]:
+        """Decide a fast-mode check at once; a consistent one returns an awaitable.
+
+        Every protocol (the JSON API, Envoy's RLS over gRPC) comes through here, so the same
+        key gets the same decision whichever way it is asked."""
         started = time.perf_counter()
-        outcome = self._decide(body, self.clock())
+        outcome = self._decide(body, self.clock(), protocol)
         if isinstance(outcome, dict):
             self._metrics.latency.observe(time.perf_counter() - started)
         return outcome
+
+    def check_with_policy(self, body: Any, protocol: str = "http"
+                          ) -> tuple[Policy, Result | Awaitable[Result]]:
+        """``check``, also naming the policy that decided it (for RateLimit fields and the
+        RLS answer's current_limit, which describe the window)."""
+        started = time.perf_counter()
+        resolved = self.resolve(body)
+        outcome = self.decide_resolved(*resolved, self.clock(), protocol)
+        if isinstance(outcome, dict):
+            self._metrics.latency.observe(time.perf_counter() - started)
+        return resolved[2], outcome
 
     def check_batch(self, bodies: list[Any]) -> list[Result | Awaitable[Result] | ApiError]:
         """Decide every check of a batch at one instant; an invalid one yields its error."""
@@ -74,7 +88,12 @@ class Checker:
                                       len(bodies))
         return outcomes
 
-    def _decide(self, body: Any, now: int) -> Result | Awaitable[Result]:
+    def _decide(self, body: Any, now: int, protocol: str = "http"
+                ) -> Result | Awaitable[Result]:
+        return self.decide_resolved(*self.resolve(body), now, protocol)
+
+    def resolve(self, body: Any) -> tuple[str, str, Policy, int, str]:
+        """Validate a check: (namespace, identifier hash, policy, cost, metrics label)."""
         # ``body`` is whatever the JSON held; every field is checked before use.
         if body.__class__ is not dict:
             raise ApiError(422, "invalid_body", "a check must be a JSON object")
@@ -105,14 +124,28 @@ class Checker:
             raise UnknownNamespace(namespace)
         if cost > policy.capacity:
             raise _field_error("cost", f"cost must be 0..{policy.capacity}")
+        return namespace, key_hash, policy, cost, label
+
+    def decide_resolved(self, namespace: str, key_hash: str, policy: Policy, cost: int, label: str,
+               now: int, protocol: str) -> Result | Awaitable[Result]:
         if policy.mode == "consistent" and self.authority is not None:
-            return self.authority.decide(namespace, key_hash, policy, cost, label)
+            return self.authority.decide(namespace, key_hash, policy, cost, label, protocol)
         decision = self.store.check(namespace, key_hash, policy, cost, now)
-        self._metrics.count_check(label, decision.allowed, "local")
+        self._metrics.count_check(label, decision.allowed, "local", protocol)
+        if not decision.allowed and policy.shadow_mode:
+            return self._shadowed(namespace, key_hash, policy, cost, now, decision.reset_at)
         return {"allowed": decision.allowed, "limit": policy.limit,
                 "remaining": decision.remaining, "reset_at": decision.reset_at,
                 "retry_after_ms": decision.retry_after_ms, "mode": policy.mode,
                 "source": "local"}
+
+    def _shadowed(self, namespace: str, key_hash: str, policy: Policy, cost: int, now: int,
+                  reset_at: int) -> Result:
+        """A denial a shadow-mode policy lets through: the cost counts as admitted usage."""
+        self.store.admit_denied(namespace, key_hash, cost)
+        return {"allowed": True, "limit": policy.limit, "remaining": 0, "reset_at": reset_at,
+                "retry_after_ms": None, "mode": policy.mode, "source": "local",
+                "shadowed": True}
 
     def _validate_namespace(self, namespace: Any) -> str:
         if type(namespace) is not str or not NAMESPACE.fullmatch(namespace):

@@ -41,7 +41,7 @@ class ConsistentClient:
         self._logged_at = 0.0
 
     async def decide(self, namespace: str, key_hash: str, policy: Policy, cost: int,
-                     label: str) -> Result:
+                     label: str, protocol: str = "http") -> Result:
         started = time.perf_counter()
         decision = None
         reason = "NATS disconnected"
@@ -58,21 +58,26 @@ class ConsistentClient:
                 reason = type(exc).__name__
         self._metrics.latency.observe(time.perf_counter() - started)
         if decision is not None:
-            self._metrics.count_check(label, decision.allowed, "authority")
+            self._metrics.count_check(label, decision.allowed, "authority", protocol)
+            if not decision.allowed and policy.shadow_mode:
+                # The authority counted a denial; the caller goes through all the same.
+                return {"allowed": True, "limit": policy.limit, "remaining": 0,
+                        "reset_at": decision.reset_at, "retry_after_ms": None,
+                        "mode": "consistent", "source": "authority", "shadowed": True}
             return {"allowed": decision.allowed, "limit": policy.limit,
                     "remaining": decision.remaining, "reset_at": decision.reset_at,
                     "retry_after_ms": decision.retry_after_ms, "mode": "consistent",
                     "source": "authority"}
-        return self._fallback(namespace, key_hash, policy, cost, label, reason)
+        return self._fallback(namespace, key_hash, policy, cost, label, reason, protocol)
 
     def _fallback(self, namespace: str, key_hash: str, policy: Policy, cost: int,
-                  label: str, reason: str) -> Result:
-        allowed = policy.on_unavailable == "open"
+                  label: str, reason: str, protocol: str) -> Result:
+        allowed = policy.on_unavailable == "open" or policy.shadow_mode
         now = self._clock()
         # Admitted cost is still usage: it goes out with the fast-mode counters, so the
         # ledger bills it even though the authority never saw it.
         self._store.record(namespace, key_hash, policy, cost, allowed, now)
-        self._metrics.count_check(label, allowed, "fallback")
+        self._metrics.count_check(label, allowed, "fallback", protocol)
         self._metrics.fallbacks[label] = self._metrics.fallbacks.get(label, 0) + 1
         self._log_fallback(key_hash, label, reason, allowed)
         retry = None if allowed else policy.timeout.ms
@@ -80,6 +85,8 @@ class ConsistentClient:
             "allowed": allowed, "limit": policy.limit, "remaining": 0,
             "reset_at": now + policy.timeout.ms, "retry_after_ms": retry,
             "mode": "consistent", "source": "fallback"}
+        if policy.shadow_mode and policy.on_unavailable == "closed":
+            result["shadowed"] = True
         return result
 
     def _log_fallback(self, key_hash: str, label: str, reason: str, allowed: bool) -> None:
