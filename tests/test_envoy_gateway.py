@@ -20,12 +20,12 @@ import yaml
 # Registers the typed_config messages the examples name, so Any fields resolve.
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.route.v3 import route_components_pb2
-from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2  # noqa: F401
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
 from region_node.app import build_app
@@ -173,14 +173,14 @@ async def test_requests_through_envoy_are_limited_by_the_node(tmp_path: Path,
     avoid_window_boundary(HOUR_MS, span_s=90)  # wall clock: keep the hour's end out of reach
     async for _ in serve(build_app(node), http_port):
         async for _ in serve(upstream_app, api_port):
-            envoy = subprocess.Popen([ENVOY, "-c", str(config), "--log-level", "warn",
-                                      "--base-id", str(envoy_port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            envoy = await asyncio.create_subprocess_exec(
+                ENVOY, "-c", str(config), "--log-level", "warn", "--base-id", str(envoy_port),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 await _through_envoy(envoy_port)
             finally:
                 envoy.terminate()
-                envoy.wait(timeout=30)
+                await asyncio.wait_for(envoy.wait(), 30)
 
 
 async def _through_envoy(port: int) -> None:
