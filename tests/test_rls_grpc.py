@@ -13,13 +13,18 @@ from typing import Any
 
 import grpc
 import httpx
+import nats
 import pytest
 import uvicorn
 
 from region_node.app import build_app
 from region_node.node import RegionNode
+from region_node.policies import NamespaceConfig
 from region_node.settings import NodeSettings
 from sync.identifiers import IdentifierHasher
+from sync.policy import build_policy
+from sync.subjects import CONSISTENT
+from tests.support.nats_server import NatsServer
 from tests.support.processes import free_port
 from tests.support.rls_client import (
     OK,
@@ -321,3 +326,32 @@ async def test_http_answers_carry_the_ietf_fields(running: RunningNode) -> None:
         "namespace": "adhoc", "identifier": "k", "limit": 5, "duration": "month",
         "algorithm": "fixed_window"})
     assert inline.headers["ratelimit-policy"] == '"adhoc";q=5'  # a month has no fixed w
+
+
+async def test_a_consistent_check_past_its_deadline_is_deadline_exceeded(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """An authority that takes requests but never answers, and a policy that waits 10 s for
+    it: the call's 0.5 s deadline ends the wait, not the policy's timeout."""
+    (tmp_path / "extra").mkdir()
+    silent = await nats.connect(nats_server.url)
+    await silent.subscribe(CONSISTENT, cb=_never_answer)
+    await silent.flush()
+    async for running in start_node(tmp_path / "extra", nats_url=nats_server.url,
+                                    spill_path=tmp_path / "spill.msgpack"):
+        policy = running.node.resolver.configured("api")
+        assert policy is not None
+        slow = build_policy(limit=4, duration="1h", mode="consistent", timeout="10s",
+                            on_unavailable="closed")
+        running.node.resolver.set_central({"api": NamespaceConfig(slow)}, 1)
+        error = await grpc_error(running, request("gw", [descriptor(("api_key", "k"))]),
+                                 timeout=0.5)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The node goes on answering.
+        answer = await should(running, "edge", descriptor(("remote_address", "10.3.3.3")))
+        assert answer.overall_code == OK
+        assert running.node.metrics.fallbacks == {}  # the wait was abandoned, not decided
+    await silent.close()
+
+
+async def _never_answer(_: Any) -> None:
+    return None
