@@ -37,6 +37,15 @@ def _field_error(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_field", message, field)
 
 
+class InvalidCheck(Exception):
+    """Check number ``index`` of a group is invalid: ``error`` says why."""
+
+    def __init__(self, index: int, error: ApiError) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
 class Checker:
     def __init__(self, *, store: CounterStore, resolver: PolicyResolver,
                  hasher: IdentifierHasher, metrics: NodeMetrics,
@@ -70,6 +79,23 @@ class Checker:
         if isinstance(outcome, dict):
             self._metrics.latency.observe(time.perf_counter() - started)
         return resolved[2], outcome
+
+    def check_all(self, bodies: list[Any], protocol: str
+                  ) -> tuple[list[Policy], list[Result | Awaitable[Result]]]:
+        """Validate every check, then decide them all at one instant: an invalid one raises
+        InvalidCheck before anything is counted (an RLS request is all or nothing)."""
+        started = time.perf_counter()
+        resolved = []
+        for index, body in enumerate(bodies):
+            try:
+                resolved.append(self.resolve(body))
+            except ApiError as exc:
+                raise InvalidCheck(index, exc) from None
+        now = self.clock()
+        outcomes = [self.decide_resolved(*check, now, protocol) for check in resolved]
+        self._metrics.latency.observe((time.perf_counter() - started) / len(bodies),
+                                      len(bodies))
+        return [check[2] for check in resolved], outcomes
 
     def check_batch(self, bodies: list[Any]) -> list[Result | Awaitable[Result] | ApiError]:
         """Decide every check of a batch at one instant; an invalid one yields its error."""

@@ -18,10 +18,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
-from region_node.checker import Checker, Result
+from region_node.checker import Checker, InvalidCheck, Result
 from region_node.ratelimit_fields import ceil_seconds, policy_item
 from region_node.rls_rules import MAX_DESCRIPTORS, RlsRules, RuleError
-from sync.api_errors import ApiError
 from sync.policy import Policy
 
 log = logging.getLogger("regionlimit.rls")
@@ -31,7 +30,7 @@ Unit = Response.RateLimit.Unit
 # the real window in the limit's name (Envoy only shows the unit in x-ratelimit headers).
 UNITS = {1_000: Unit.SECOND, 60_000: Unit.MINUTE, 3_600_000: Unit.HOUR,
          86_400_000: Unit.DAY, 604_800_000: Unit.WEEK}
-MAX_HITS = 2**32 - 1
+MAX_UINT32 = 2**32 - 1  # the answer's counts are uint32; a limit may reach 10**12
 STATUS_OF_HTTP = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND}
 
 
@@ -50,14 +49,18 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong bearer token (authorization metadata)")
         try:
-            resolved = self._resolve(request)
-        except (RuleError, ApiError) as exc:
-            status = STATUS_OF_HTTP.get(getattr(exc, "status", 422),
-                                        grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(status, exc.message)
-        outcomes: list[Result | Awaitable[Result]] = [
-            self._checker.decide_resolved(*check, self._checker.clock(), "grpc")
-            for _, check in resolved]
+            names, bodies = self._checks(request)
+        except RuleError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        try:
+            policies, outcomes = self._checker.check_all(bodies, "grpc")
+        except InvalidCheck as exc:
+            error = exc.error
+            field = "hits_addend" if error.field == "cost" else error.field
+            await context.abort(
+                STATUS_OF_HTTP.get(error.status, grpc.StatusCode.INVALID_ARGUMENT),
+                f"descriptors[{exc.index}] (domain {request.domain!r}, namespace "
+                f"{names[exc.index]!r}): {field}: {error.message}")
         pending: dict[int, Awaitable[Result]] = {
             i: outcome for i, outcome in enumerate(outcomes) if not isinstance(outcome, dict)}
         if pending:
@@ -71,7 +74,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             for i, result in zip(pending, done, strict=True):
                 outcomes[i] = result
         results: list[Result] = outcomes  # type: ignore[assignment]  # all answered now
-        return self._response([(name, check[2]) for name, check in resolved], results)
+        return self._response(list(zip(names, policies, strict=True)), results)
 
     def _authorized(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
         assert self._token is not None
@@ -80,9 +83,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 return hmac.compare_digest(value.encode(), self._token.encode())
         return False
 
-    def _resolve(self, request: rls_pb2.RateLimitRequest
-                 ) -> list[tuple[str, tuple[str, str, Policy, int, str]]]:
-        """Every descriptor as a validated check (namespace, hash, policy, cost, label)."""
+    def _checks(self, request: rls_pb2.RateLimitRequest
+                ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Every descriptor as a check body for the Checker, and its namespace."""
         if not request.domain:
             raise RuleError("domain", "domain must not be empty")
         if not request.descriptors:
@@ -91,23 +94,16 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             raise RuleError("descriptors", f"at most {MAX_DESCRIPTORS} descriptors per request")
         # hits_addend 0 means 1 (Envoy's rule); a descriptor's own hits_addend wins.
         default_cost = request.hits_addend or 1
-        resolved = []
+        names, bodies = [], []
         for i, descriptor in enumerate(request.descriptors):
-            where = f"descriptors[{i}]"
             entries = [(entry.key, entry.value) for entry in descriptor.entries]
-            namespace, identifier = self._rules.map_descriptor(request.domain, entries, where)
+            namespace, identifier = self._rules.map_descriptor(request.domain, entries,
+                                                               f"descriptors[{i}]")
             cost = (descriptor.hits_addend.value if descriptor.HasField("hits_addend")
                     else default_cost)
-            try:
-                check = self._checker.resolve({"namespace": namespace,
-                                               "identifier": identifier, "cost": cost})
-            except ApiError as exc:
-                field = "hits_addend" if exc.field == "cost" else exc.field
-                raise ApiError(exc.status, exc.code, f"{where} (domain {request.domain!r}, "
-                               f"namespace {namespace!r}): {field}: {exc.message}",
-                               f"{where}.{field}") from None
-            resolved.append((namespace, check))
-        return resolved
+            names.append(namespace)
+            bodies.append({"namespace": namespace, "identifier": identifier, "cost": cost})
+        return names, bodies
 
     def _response(self, checks: list[tuple[str, Policy]], results: list[Result]
                   ) -> rls_pb2.RateLimitResponse:
@@ -124,7 +120,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             response.statuses.append(Response.DescriptorStatus(
                 code=Response.Code.OK if allowed else Response.Code.OVER_LIMIT,
                 current_limit=_limit(namespace, policy),
-                limit_remaining=result["remaining"],
+                limit_remaining=min(result["remaining"], MAX_UINT32),
                 duration_until_reset=duration_pb2.Duration(
                     seconds=reset_in // 1000, nanos=reset_in % 1000 * 1_000_000)))
             if tightest is None or result["remaining"] < tightest["remaining"]:
@@ -155,7 +151,7 @@ def _limit(namespace: str, policy: Policy) -> Any:  # a RateLimitResponse.RateLi
     else:
         unit = UNITS.get(policy.duration.ms, Unit.UNKNOWN)
     return Response.RateLimit(name=f"{namespace} {policy.limit}/{policy.duration.text}",
-                              requests_per_unit=min(policy.limit, MAX_HITS), unit=unit)
+                              requests_per_unit=min(policy.limit, MAX_UINT32), unit=unit)
 
 
 async def start_rls_server(service: RateLimitService, *, host: str, port: int,
