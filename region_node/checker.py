@@ -152,8 +152,9 @@ class Checker:
             raise _field_error("cost", f"cost must be 0..{policy.capacity}")
         return namespace, key_hash, policy, cost, label
 
-    def decide_resolved(self, namespace: str, key_hash: str, policy: Policy, cost: int, label: str,
-               now: int, protocol: str) -> Result | Awaitable[Result]:
+    def decide_resolved(self, namespace: str, key_hash: str, policy: Policy, cost: int,
+                        label: str, now: int, protocol: str) -> Result | Awaitable[Result]:
+        """Decide a check ``resolve`` validated; counts it under ``protocol`` (http, grpc)."""
         if policy.mode == "consistent" and self.authority is not None:
             return self.authority.decide(namespace, key_hash, policy, cost, label, protocol)
         decision = self.store.check(namespace, key_hash, policy, cost, now)
