@@ -10,17 +10,17 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from region_node.check_result import CheckResult
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
-from region_node.policies import INLINE_LABEL, InlineFields, PolicyResolver
-from sync.api_errors import ApiError, UnknownNamespace, from_invalid_field
+from region_node.policies import InlineFields, PolicyResolver
+from sync.api_errors import ApiError, from_invalid_field
 from sync.clock import Clock, wall_clock_ms
 from sync.errors import InvalidField
-from sync.identifiers import IdentifierHasher
+from sync.identifiers import IDENTIFIER_RULE, IdentifierHasher, is_identifier
 from sync.policy import NAMESPACE, Policy
 
-Result = dict[str, Any]
-MAX_IDENTIFIER_BYTES = 256
+Result = CheckResult  # the name the HTTP layer and consistent mode use
 _VALID_CACHE_MAX = 10_000  # names that passed validation (bounded: inline names are free)
 INLINE_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
                  "timeout")
@@ -65,7 +65,7 @@ class Checker:
         key gets the same decision whichever way it is asked."""
         started = time.perf_counter()
         outcome = self._decide(body, self.clock(), protocol)
-        if isinstance(outcome, dict):
+        if outcome.__class__ is CheckResult:
             self._metrics.latency.observe(time.perf_counter() - started)
         return outcome
 
@@ -76,7 +76,7 @@ class Checker:
         started = time.perf_counter()
         resolved = self.resolve(body)
         outcome = self.decide_resolved(*resolved, self.clock(), protocol)
-        if isinstance(outcome, dict):
+        if outcome.__class__ is CheckResult:
             self._metrics.latency.observe(time.perf_counter() - started)
         return resolved[2], outcome
 
@@ -127,27 +127,21 @@ class Checker:
         if type(namespace) is not str or namespace not in self._valid_namespaces:
             namespace = self._validate_namespace(namespace)
         identifier = body.get("identifier")
-        if identifier.__class__ is not str or not identifier or (
-                len(identifier) > MAX_IDENTIFIER_BYTES // 4
-                and len(identifier.encode()) > MAX_IDENTIFIER_BYTES):
-            raise _field_error("identifier", "identifier must be a string of 1..256 bytes")
+        if not is_identifier(identifier):
+            raise _field_error("identifier", IDENTIFIER_RULE)
         cost = body.get("cost", 1)
         if cost.__class__ is not int or cost < 0:
             raise _field_error("cost", "cost must be a non-negative integer")
         key_hash = self._hash(identifier)
-        config = self.resolver.configured(namespace)
-        if config is not None:
-            policy = config.overrides.get(key_hash, config.policy)
-            label = namespace
-        elif "limit" in body or "duration" in body:
-            try:
-                fields: InlineFields = tuple(map(body.get, INLINE_FIELDS))  # type: ignore[assignment]
-                policy = self.resolver.inline(namespace, fields)
-            except InvalidField as exc:
-                raise from_invalid_field(exc) from None
-            label = INLINE_LABEL
-        else:
-            raise UnknownNamespace(namespace)
+        inline: InlineFields | None = None
+        if "limit" in body or "duration" in body:
+            inline = tuple(map(body.get, INLINE_FIELDS))  # type: ignore[assignment]
+        try:
+            # The precedence (configuration, then override, then inline) is the resolver's.
+            policy = self.resolver.resolve(namespace, key_hash, inline)
+        except InvalidField as exc:
+            raise from_invalid_field(exc) from None
+        label = self.resolver.label(namespace)
         if cost > policy.capacity:
             raise _field_error("cost", f"cost must be 0..{policy.capacity}")
         return namespace, key_hash, policy, cost, label
@@ -160,19 +154,16 @@ class Checker:
         decision = self.store.check(namespace, key_hash, policy, cost, now)
         self._metrics.count_check(label, decision.allowed, "local", protocol)
         if not decision.allowed and policy.shadow_mode:
-            return self._shadowed(namespace, key_hash, policy, cost, now, decision.reset_at)
-        return {"allowed": decision.allowed, "limit": policy.limit,
-                "remaining": decision.remaining, "reset_at": decision.reset_at,
-                "retry_after_ms": decision.retry_after_ms, "mode": policy.mode,
-                "source": "local"}
+            return self._shadowed(namespace, key_hash, policy, cost, decision.reset_at)
+        return CheckResult(decision.allowed, policy.limit, decision.remaining,
+                           decision.reset_at, decision.retry_after_ms, policy.mode, "local")
 
-    def _shadowed(self, namespace: str, key_hash: str, policy: Policy, cost: int, now: int,
+    def _shadowed(self, namespace: str, key_hash: str, policy: Policy, cost: int,
                   reset_at: int) -> Result:
         """A denial a shadow-mode policy lets through: the cost counts as admitted usage."""
         self.store.admit_denied(namespace, key_hash, cost)
-        return {"allowed": True, "limit": policy.limit, "remaining": 0, "reset_at": reset_at,
-                "retry_after_ms": None, "mode": policy.mode, "source": "local",
-                "shadowed": True}
+        return CheckResult(True, policy.limit, 0, reset_at, None, policy.mode, "local",
+                           shadowed=True)
 
     def _validate_namespace(self, namespace: Any) -> str:
         if type(namespace) is not str or not NAMESPACE.fullmatch(namespace):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import nats.errors
 
+from region_node.check_result import CheckResult
 from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
@@ -61,13 +61,11 @@ class ConsistentClient:
             self._metrics.count_check(label, decision.allowed, "authority", protocol)
             if not decision.allowed and policy.shadow_mode:
                 # The authority counted a denial; the caller goes through all the same.
-                return {"allowed": True, "limit": policy.limit, "remaining": 0,
-                        "reset_at": decision.reset_at, "retry_after_ms": None,
-                        "mode": "consistent", "source": "authority", "shadowed": True}
-            return {"allowed": decision.allowed, "limit": policy.limit,
-                    "remaining": decision.remaining, "reset_at": decision.reset_at,
-                    "retry_after_ms": decision.retry_after_ms, "mode": "consistent",
-                    "source": "authority"}
+                return CheckResult(True, policy.limit, 0, decision.reset_at, None,
+                                   "consistent", "authority", shadowed=True)
+            return CheckResult(decision.allowed, policy.limit, decision.remaining,
+                               decision.reset_at, decision.retry_after_ms, "consistent",
+                               "authority")
         return self._fallback(namespace, key_hash, policy, cost, label, reason, protocol)
 
     def _fallback(self, namespace: str, key_hash: str, policy: Policy, cost: int,
@@ -81,13 +79,10 @@ class ConsistentClient:
         self._metrics.fallbacks[label] = self._metrics.fallbacks.get(label, 0) + 1
         self._log_fallback(key_hash, label, reason, allowed)
         retry = None if allowed else policy.timeout.ms
-        result: dict[str, Any] = {
-            "allowed": allowed, "limit": policy.limit, "remaining": 0,
-            "reset_at": now + policy.timeout.ms, "retry_after_ms": retry,
-            "mode": "consistent", "source": "fallback"}
-        if policy.shadow_mode and policy.on_unavailable == "closed":
-            result["shadowed"] = True
-        return result
+        # Shadowed only where the fallback itself would have denied (on_unavailable closed).
+        shadowed = policy.shadow_mode and policy.on_unavailable == "closed"
+        return CheckResult(allowed, policy.limit, 0, now + policy.timeout.ms, retry,
+                           "consistent", "fallback", shadowed=shadowed)
 
     def _log_fallback(self, key_hash: str, label: str, reason: str, allowed: bool) -> None:
         self._unlogged += 1

@@ -18,6 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import duration_pb2
 
+from region_node.check_result import CheckResult
 from region_node.checker import Checker, InvalidCheck, Result
 from region_node.ratelimit_fields import ceil_seconds, policy_item
 from region_node.rls_rules import MAX_DESCRIPTORS, RlsRules, RuleError
@@ -62,7 +63,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 f"descriptors[{exc.index}] (domain {request.domain!r}, namespace "
                 f"{names[exc.index]!r}): {field}: {error.message}")
         pending: dict[int, Awaitable[Result]] = {
-            i: outcome for i, outcome in enumerate(outcomes) if not isinstance(outcome, dict)}
+            i: outcome for i, outcome in enumerate(outcomes)
+            if not isinstance(outcome, CheckResult)}
         if pending:
             try:
                 done = await asyncio.wait_for(asyncio.gather(*pending.values()),
@@ -112,29 +114,29 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         tightest: Result | None = None
         shadowed = False
         for (namespace, policy), result in zip(checks, results, strict=True):
-            allowed = result["allowed"]
+            allowed = result.allowed
             if not allowed:
                 response.overall_code = Response.Code.OVER_LIMIT
-            shadowed = shadowed or result.get("shadowed", False)
-            reset_in = max(0, result["reset_at"] - now)
+            shadowed = shadowed or result.shadowed
+            reset_in = max(0, result.reset_at - now)
             response.statuses.append(Response.DescriptorStatus(
                 code=Response.Code.OK if allowed else Response.Code.OVER_LIMIT,
                 current_limit=_limit(namespace, policy),
-                limit_remaining=min(result["remaining"], MAX_UINT32),
+                limit_remaining=min(result.remaining, MAX_UINT32),
                 duration_until_reset=duration_pb2.Duration(
                     seconds=reset_in // 1000, nanos=reset_in % 1000 * 1_000_000)))
-            if tightest is None or result["remaining"] < tightest["remaining"]:
+            if tightest is None or result.remaining < tightest.remaining:
                 tightest = result
         assert tightest is not None
-        headers = [("ratelimit-limit", str(tightest["limit"])),
-                   ("ratelimit-remaining", str(tightest["remaining"])),
-                   ("ratelimit-reset", str(ceil_seconds(tightest["reset_at"] - now)))]
+        headers = [("ratelimit-limit", str(tightest.limit)),
+                   ("ratelimit-remaining", str(tightest.remaining)),
+                   ("ratelimit-reset", str(ceil_seconds(tightest.reset_at - now)))]
         if self._ietf:
             headers.append(("ratelimit-policy", ", ".join(
                 policy_item(namespace, policy).decode() for namespace, policy in checks)))
             headers.append(("ratelimit", ", ".join(
-                f'"{namespace}";r={result["remaining"]};'
-                f't={ceil_seconds(result["reset_at"] - now)}'
+                f'"{namespace}";r={result.remaining};'
+                f't={ceil_seconds(result.reset_at - now)}'
                 for (namespace, _), result in zip(checks, results, strict=True))))
         response.response_headers_to_add.extend(
             base_pb2.HeaderValue(key=key, value=value) for key, value in headers)

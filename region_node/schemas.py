@@ -8,14 +8,16 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from sync.api_errors import ErrorBody
+from sync.identifiers import MAX_IDENTIFIER_BYTES
 from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN
 
 
 class CheckRequest(BaseModel):
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
-    identifier: str = Field(min_length=1, max_length=256,
-                            description="Raw identifier (1..256 bytes UTF-8); hashed on "
-                            "arrival, never stored, logged, published or returned.")
+    identifier: str = Field(min_length=1, max_length=MAX_IDENTIFIER_BYTES,
+                            description=f"Raw identifier (1..{MAX_IDENTIFIER_BYTES} bytes "
+                            "UTF-8); hashed on arrival, never stored, logged, published or "
+                            "returned.")
     cost: int = Field(default=1, ge=0, description="0..limit (0..burst for a token bucket)")
     limit: int | None = Field(default=None, ge=1, description="Inline policy: limit")
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
@@ -34,8 +36,8 @@ class CheckResult(BaseModel):
     retry_after_ms: int | None = Field(description="null when allowed, else > 0")
     mode: Literal["fast", "consistent"]
     source: Literal["local", "authority", "fallback"]
-    shadowed: bool | None = Field(default=None, description="Present (true) only when a "
-                                  "shadow_mode policy admitted a check it would have denied")
+    shadowed: bool = Field(default=False, description="true when a shadow_mode policy "
+                           "admitted a check it would have denied")
 
 
 class BatchRequest(BaseModel):

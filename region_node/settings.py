@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sync.durations import check_interval, setting_ms
+from sync.publisher import DEFAULT_STREAM_MAX_BYTES, StreamLimits
 
 REGION_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 
@@ -22,6 +23,13 @@ class NodeSettings(BaseSettings):
     nats_url: str | None = None
     nats_creds: Path | None = None
     nats_tls_ca: Path | None = None
+    # JetStream domain of the hub (deploy/nats/hub.conf declares it); required where the
+    # process connects through a leaf node, harmless on the hub itself.
+    js_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # The usage stream: replicas must not exceed the hub's JetStream servers (1 for one
+    # server, 3 for the shipped 3-server hub); bytes bound its storage.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_bytes: int = Field(default=DEFAULT_STREAM_MAX_BYTES, ge=1 << 20)
     identifier_secret: SecretStr | None = None
     node_token: SecretStr | None = None
     flush_interval: str = "100ms"
@@ -36,6 +44,13 @@ class NodeSettings(BaseSettings):
     # RateLimit-Policy / RateLimit (draft-ietf-httpapi-ratelimit-headers-10) beside the
     # RateLimit-Limit/-Remaining/-Reset triple, on HTTP checks and RLS answers.
     ratelimit_fields: bool = True
+    # One line per check costs about a third of the node's throughput and floods the log at
+    # production rates: off unless asked for. Rejected requests are logged either way.
+    access_log: bool = False
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("flush_interval", "snapshot_timeout")(check_interval)
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import msgpack
 
+from sync.algorithms.base import MAX_COUNT
 from sync.errors import InvalidField, MalformedMessage, UnsupportedVersion
-from sync.policy import Policy, build_policy
+from sync.identifiers import KEY_HASH
+from sync.policy import NAMESPACE, Policy, build_policy
 
 USAGE_VERSION = 2
 STATE_VERSION = 1
@@ -125,8 +127,24 @@ def _policy_from_fields(fields: Any) -> Policy:
 
 
 def _str(value: Any, what: str, *, max_len: int = 256) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+    # Postgres refuses NUL in text: one such row would fail the whole ledger write.
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or "\x00" in value:
         raise MalformedMessage(f"bad {what}")
+    return value
+
+
+def _namespace(value: Any) -> str:
+    """The HTTP API's namespace rule (sync/policy.py), so the ledger only sees names a
+    client could have sent."""
+    if not isinstance(value, str) or NAMESPACE.fullmatch(value) is None:
+        raise MalformedMessage("bad namespace")
+    return value
+
+
+def _key_hash(value: Any) -> str:
+    """The shape every identifier hash has (sync/identifiers.py)."""
+    if not isinstance(value, str) or KEY_HASH.fullmatch(value) is None:
+        raise MalformedMessage("bad key hash")
     return value
 
 
@@ -143,7 +161,10 @@ def _time(value: Any, what: str) -> int:
 
 
 def _count(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """A count, cost or time: counters saturate at MAX_COUNT (sync/algorithms/base.py), so
+    anything larger was never produced by a node and would overflow the ledger's BIGINT."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < 0
+            or value > MAX_COUNT):
         raise MalformedMessage(f"bad {what}")
     return value
 
@@ -202,8 +223,8 @@ def decode_usage(data: bytes) -> UsageBatch:
             policy = _policy_from_fields(
                 [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
         entries.append(UsageEntry(
-            namespace=_str(row[0], "namespace", max_len=64),
-            key_hash=_str(row[1], "key hash", max_len=128),
+            namespace=_namespace(row[0]),
+            key_hash=_key_hash(row[1]),
             window_start=_time(row[2], "window start"),
             admitted=_count(row[3], "admitted"),
             denied=_count(row[4], "denied"),
@@ -226,8 +247,8 @@ def _total_from_row(row: Any) -> KeyTotal:
     if not isinstance(components, dict):
         raise MalformedMessage("bad components")
     return KeyTotal(
-        namespace=_str(row[0], "namespace", max_len=64),
-        key_hash=_str(row[1], "key hash", max_len=128),
+        namespace=_namespace(row[0]),
+        key_hash=_key_hash(row[1]),
         window_start=_time(row[2], "window start"),
         total=_count(row[3], "total"),
         components={_str(k, "node id"): _count(v, "component") for k, v in components.items()},
@@ -313,9 +334,9 @@ def _config_from_map(obj: Any) -> ConfigUpdate:
     for name, value in obj["namespaces"].items():
         if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], dict):
             raise MalformedMessage("bad namespace config")
-        namespaces[_str(name, "namespace", max_len=64)] = NamespacePolicies(
+        namespaces[_namespace(name)] = NamespacePolicies(
             _full_policy(value[0]),
-            {_str(h, "identifier hash", max_len=128): _full_policy(p)
+            {_key_hash(h): _full_policy(p)
              for h, p in value[1].items()})
     return ConfigUpdate(_count(obj.get("version"), "config version"), namespaces)
 
@@ -364,8 +385,8 @@ def decode_consistent_request(data: bytes) -> ConsistentRequest:
     if cost > policy.capacity:
         raise MalformedMessage("cost above capacity")
     return ConsistentRequest(
-        namespace=_str(obj.get("ns"), "namespace", max_len=64),
-        key_hash=_str(obj.get("key"), "key hash", max_len=128), cost=cost, policy=policy,
+        namespace=_namespace(obj.get("ns")),
+        key_hash=_key_hash(obj.get("key")), cost=cost, policy=policy,
         node_id=_str(obj.get("node"), "node id"),
         region=_str(obj.get("region"), "region", max_len=64))
 

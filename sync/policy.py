@@ -90,8 +90,11 @@ def build_policy(
     if duration is None:
         raise InvalidField("duration", "duration is required")
     parsed = parse_duration(duration, field="duration")
-    algo = _choice(algorithm if algorithm is not None else DEFAULT_ALGORITHM, "algorithm",
-                   ALGORITHMS)
+    if algorithm is None:
+        # A calendar month can only be counted in fixed windows: asking for a month is
+        # asking for that, not for the default algorithm and a 422.
+        algorithm = "fixed_window" if parsed.is_month else DEFAULT_ALGORITHM
+    algo = _choice(algorithm, "algorithm", ALGORITHMS)
     if parsed.is_month and algo != "fixed_window":
         raise InvalidField("duration", "duration 'month' works only with algorithm fixed_window")
     checked_burst: int | None = None

@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ algorithm = "token_bucket"
 burst = 4
 """
 RESULT_FIELDS = {"allowed", "limit", "remaining", "reset_at", "retry_after_ms", "mode",
-                 "source"}
+                 "source", "shadowed"}
 INLINE = {"limit": 5, "duration": "1m", "algorithm": "fixed_window"}
 
 
@@ -123,7 +124,8 @@ async def test_allowed_check_fields_and_headers(client: httpx.AsyncClient,
     body = response.json()
     assert set(body) == RESULT_FIELDS
     assert body == {"allowed": True, "limit": 5, "remaining": 4, "reset_at": T0 + MINUTE,
-                    "retry_after_ms": None, "mode": "fast", "source": "local"}
+                    "retry_after_ms": None, "mode": "fast", "source": "local",
+                    "shadowed": False}
     headers = response.headers
     assert headers["content-type"] == "application/json"
     assert headers["ratelimit-limit"] == "5"
@@ -140,7 +142,7 @@ async def test_denied_check_fields_and_headers(client: httpx.AsyncClient,
     assert response.status_code == 200
     assert response.json() == {"allowed": False, "limit": 5, "remaining": 0,
                                "reset_at": T0 + MINUTE, "retry_after_ms": MINUTE - 1_500,
-                               "mode": "fast", "source": "local"}
+                               "mode": "fast", "source": "local", "shadowed": False}
     assert response.headers["ratelimit-remaining"] == "0"
     assert response.headers["ratelimit-reset"] == "59"
     assert response.headers["retry-after"] == "59"
@@ -193,6 +195,19 @@ async def test_sliding_window_is_the_default_algorithm(client: httpx.AsyncClient
     assert (await check(client, limit=2, duration="1m")).json()["allowed"]
     denied = (await check(client, limit=2, duration="1m")).json()
     assert not denied["allowed"]
+
+
+async def test_an_inline_month_without_algorithm_is_a_fixed_calendar_month(
+        client: httpx.AsyncClient) -> None:
+    now = datetime.fromtimestamp((T0 + 1_500) / 1000, tz=UTC)
+    first_of_next = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    response = await check(client, limit=5, duration="month", cost=5)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["allowed"] and body["remaining"] == 0
+    # Fixed window: everything comes back at the start of the next calendar month (UTC).
+    assert body["reset_at"] == int(first_of_next.timestamp() * 1000)
+    assert body["retry_after_ms"] is None
 
 
 async def test_cost_zero_consumes_nothing_and_answers_remaining(
@@ -308,7 +323,6 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, path: str, body:
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "0s"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": 60}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "1m\n"}, "duration"),
-    ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "month"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "month",
       "algorithm": "token_bucket"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "algorithm": "leaky", **{

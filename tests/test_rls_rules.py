@@ -1,5 +1,6 @@
 """The mapping rule from Envoy's domain + descriptor to a namespace and an identifier, the
-[rls] table that configures it, shadow_mode in the node file, and the IETF RateLimit fields."""
+[rls] table that configures it, shadow_mode in the node file, and the IETF RateLimit fields
+(the middleware's copy is tested with the client package)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from typing import Any
 
 import pytest
 
-from region_node.client import CheckResult
-from region_node.middleware import rate_limit_headers
 from region_node.policy_file import PolicyFileError, parse_policy_document
 from region_node.ratelimit_fields import ietf_fields
 from region_node.rls_rules import RlsRules, RuleError, parse_rls_rules
@@ -75,15 +74,3 @@ def test_ietf_fields_follow_the_draft_syntax() -> None:
         (b"ratelimit-policy", b'"api";q=100;w=3600'), (b"ratelimit", b'"api";r=42;t=2')]
     monthly = build_policy(limit=9, duration="month", algorithm="fixed_window")
     assert ietf_fields("m", monthly, 0, 0)[0] == (b"ratelimit-policy", b'"m";q=9')
-
-
-def test_middleware_header_function_adds_the_fields_when_given_a_policy_name() -> None:
-    result = CheckResult(allowed=True, limit=10, remaining=7, reset_at=5_500,
-                         retry_after_ms=None, mode="fast", source="local")
-    plain = rate_limit_headers(result, now_ms=0)
-    assert [k for k, _ in plain] == [b"ratelimit-limit", b"ratelimit-remaining",
-                                     b"ratelimit-reset"]
-    named = rate_limit_headers(result, now_ms=0, policy_name="api")
-    assert named[:3] == plain
-    assert named[3:] == [(b"ratelimit-policy", b'"api";q=10'),
-                         (b"ratelimit", b'"api";r=7;t=6')]

@@ -11,6 +11,11 @@ from sync.policy import Policy
 
 
 class TokenBucket:
+    blocks = False
+    past_windows = 0
+    debits_remote = True
+    windowed_usage = False
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
         rate = policy.limit
