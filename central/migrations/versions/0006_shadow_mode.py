@@ -1,11 +1,8 @@
 """shadow_mode on namespaces and overrides.
 
 Revision ID: 0006
-Revises: 0002
+Revises: 0004
 Create Date: 2026-12-03
-
-Chained after the current head (0002); other branches add 0004/0005 meanwhile, and the
-chain is set straight when they meet.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision: str | None = "0002"
+down_revision: str | None = "0004"
 branch_labels: str | None = None
 depends_on: str | None = None
 
