@@ -88,8 +88,11 @@ class CounterStore:
         state = self._states[f"{namespace}/{key_hash}"]
         state.cur_denied -= cost
         state.cur += cost
-        if state.policy.algorithm == "token_bucket":
-            state.level -= cost * state.policy.duration.ms  # may go negative, as remote debits
+        if ALGORITHMS[state.policy.algorithm].debits_remote:
+            # An algorithm that debits usage from a level (a token bucket) takes the
+            # admitted cost out as it does remote usage; ``check`` just refilled it to now.
+            # The level may go negative, as with remote debits.
+            state.level -= cost * state.policy.duration.ms
 
     def _current(self, namespace: str, key_hash: str, policy: Policy, now: int
                  ) -> tuple[str, KeyState]:
