@@ -11,6 +11,7 @@ from typing import cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Index,
     Integer,
@@ -162,6 +163,7 @@ class Namespace(Base):
     mode: Mapped[str] = mapped_column(Text)
     on_unavailable: Mapped[str] = mapped_column(Text)
     timeout: Mapped[str] = mapped_column(Text)
+    shadow_mode: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     version: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -184,6 +186,7 @@ class Override(Base):
     mode: Mapped[str | None] = mapped_column(Text)
     on_unavailable: Mapped[str | None] = mapped_column(Text)
     timeout: Mapped[str | None] = mapped_column(Text)
+    shadow_mode: Mapped[bool | None] = mapped_column(Boolean)
     version: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 

@@ -36,6 +36,8 @@ class CheckResult(BaseModel):
     retry_after_ms: int | None = Field(description="null when allowed, else > 0")
     mode: Literal["fast", "consistent"]
     source: Literal["local", "authority", "fallback"]
+    shadowed: bool = Field(default=False, description="true when a shadow_mode policy "
+                           "admitted a check it would have denied")
 
 
 class BatchRequest(BaseModel):

@@ -31,7 +31,7 @@ from sync.identifiers import IDENTIFIER_RULE, is_identifier
 TIMEOUT_S = 30.0
 MONTH = re.compile(r"(\d{4})-(\d{2})")
 POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
-                 "timeout")
+                 "timeout", "shadow_mode")
 NUMERIC = frozenset({"admitted", "denied", "limit", "burst", "version"})
 
 
@@ -293,6 +293,8 @@ def _policy_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--mode", choices=["fast", "consistent"])
     parser.add_argument("--on-unavailable", choices=["open", "closed"])
     parser.add_argument("--timeout", help="consistent mode: e.g. 250ms")
+    parser.add_argument("--shadow-mode", action=argparse.BooleanOptionalAction,
+                        help="count and bill every check but never deny")
 
 
 def _identifier_flags(parser: argparse.ArgumentParser) -> None:

@@ -328,16 +328,18 @@ def decode_snapshot_page(data: bytes) -> SnapshotPage:
 
 def _full_policy_fields(policy: Policy) -> list[Any]:
     return [policy.limit, policy.duration.text, policy.algorithm, policy.burst, policy.mode,
-            policy.on_unavailable, policy.timeout.text]
+            policy.on_unavailable, policy.timeout.text, policy.shadow_mode]
 
 
 def _full_policy(fields: Any) -> Policy:
-    if not isinstance(fields, list) or len(fields) != 7:
+    # 7 fields: a sender from before shadow_mode existed (it never shadows).
+    if not isinstance(fields, list) or len(fields) not in (7, 8):
         raise MalformedMessage("bad policy")
     try:
         return build_policy(limit=fields[0], duration=fields[1], algorithm=fields[2],
                             burst=fields[3], mode=fields[4], on_unavailable=fields[5],
-                            timeout=fields[6])
+                            timeout=fields[6],
+                            shadow_mode=fields[7] if len(fields) == 8 else None)
     except InvalidField as exc:
         raise MalformedMessage(f"bad policy: {exc.message}") from None
 

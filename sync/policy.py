@@ -21,7 +21,8 @@ MAX_TIMEOUT_MS = 60_000
 NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # with fullmatch
 NAMESPACE_PATTERN = f"^{NAMESPACE.pattern}$"
 DURATION_PATTERN = r"^([1-9][0-9]{0,10}(ms|s|m|h|d)|month)$"
-POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout")
+POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout",
+                 "shadow_mode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class Policy:
     mode: str = "fast"
     on_unavailable: str = "open"
     timeout: Duration = DEFAULT_TIMEOUT_DURATION
+    # Count and bill every check but never deny: a new limit can be watched before it bites.
+    shadow_mode: bool = False
 
     @property
     def capacity(self) -> int:
@@ -50,6 +53,7 @@ class Policy:
             "mode": self.mode,
             "on_unavailable": self.on_unavailable,
             "timeout": self.timeout.text,
+            "shadow_mode": self.shadow_mode,
         }
 
 
@@ -77,6 +81,7 @@ def build_policy(
     mode: object = None,
     on_unavailable: object = None,
     timeout: object = None,
+    shadow_mode: object = None,
 ) -> Policy:
     """Validate raw fields (JSON, TOML or msgpack) into a Policy; InvalidField names the culprit."""
     if limit is None:
@@ -101,6 +106,8 @@ def build_policy(
                                field="timeout")
     if timeout_d.is_month or timeout_d.ms > MAX_TIMEOUT_MS:
         raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
+    if shadow_mode is not None and not isinstance(shadow_mode, bool):
+        raise InvalidField("shadow_mode", "shadow_mode must be true or false")
     return Policy(
         limit=checked_limit,
         duration=parsed,
@@ -112,6 +119,7 @@ def build_policy(
             ON_UNAVAILABLE,
         ),
         timeout=timeout_d,
+        shadow_mode=bool(shadow_mode),
     )
 
 
@@ -124,4 +132,5 @@ def policy_from_dict(data: dict[str, Any]) -> Policy:
         mode=data.get("mode"),
         on_unavailable=data.get("on_unavailable"),
         timeout=data.get("timeout"),
+        shadow_mode=data.get("shadow_mode"),
     )

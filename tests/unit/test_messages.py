@@ -111,7 +111,8 @@ def policies(draw: st.DrawFn, *, full: bool = False) -> Policy:
     if full:
         extra = {"mode": draw(st.sampled_from(["fast", "consistent"])),
                  "on_unavailable": draw(st.sampled_from(["open", "closed"])),
-                 "timeout": draw(st.sampled_from(["1ms", "250ms", "2s", "60s", "1m"]))}
+                 "timeout": draw(st.sampled_from(["1ms", "250ms", "2s", "60s", "1m"])),
+                 "shadow_mode": draw(st.booleans())}
     return build_policy(limit=draw(st.integers(1, MAX_LIMIT)), duration=duration,
                         algorithm=algorithm, burst=burst, **extra)
 
@@ -269,6 +270,20 @@ def test_snapshot_page_round_trip(page: SnapshotPage) -> None:
 @given(configs)
 def test_config_round_trip(config: ConfigUpdate) -> None:
     assert decode_config(encode_config(config)) == config
+
+
+def test_a_config_policy_without_shadow_mode_never_shadows() -> None:
+    """A central from before shadow_mode sends seven policy fields; nodes read them."""
+    shadowed = build_policy(limit=5, duration="1h", shadow_mode=True)
+    data = msgpack.unpackb(encode_config(ConfigUpdate(3, {"api": NamespacePolicies(
+        shadowed, {})})))
+    assert data["namespaces"]["api"][0][7] is True
+    data["namespaces"]["api"][0] = data["namespaces"]["api"][0][:7]
+    decoded = decode_config(msgpack.packb(data))
+    assert decoded.namespaces["api"].policy == build_policy(limit=5, duration="1h")
+    data["namespaces"]["api"][0] += ["yes"]
+    with pytest.raises(MalformedMessage, match="shadow_mode"):
+        decode_config(msgpack.packb(data))
 
 
 @PROPERTY
