@@ -36,7 +36,7 @@ from region_node.settings import NodeSettings
 from tests.support.cluster import HOUR_MS, avoid_window_boundary
 from tests.support.processes import free_port
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 ENVOY = shutil.which("envoy")
 
 
