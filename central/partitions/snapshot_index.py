@@ -9,7 +9,8 @@ Cursors are sequence numbers, not positions: each appended entry gets the next n
 its log, and removed keys leave a tombstone that compaction drops later without
 renumbering, so a cursor handed out before a compaction stays valid (found by bisection).
 A snapshot pages the node's own log first, then the blocked log (skipping keys already
-sent from the node's log); the cursor says which log and where.
+sent from the node's log); the cursor says which log and where, and in the blocked log also
+where the node's own log ended, so a key first served after that is not skipped.
 
 Keys added during paging land after the cursor and are included; a key removed during
 paging is not sent if not yet reached. Either way the node also receives live updates
@@ -26,7 +27,10 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-_PHASES = 2  # cursor = seq * 2 + phase: phase 0 the node's own keys, 1 the blocked keys
+_PHASES = 2  # cursor = position * 2 + phase: phase 0 the node's own keys, 1 the blocked keys
+# In phase 1 the position also carries where the node's own log ended when phase 0 did
+# (position = blocked seq * span + own end), so a key served after that is not skipped.
+_OWN_END_SPAN = 1 << 32
 _COMPACT_SHARE = 0.5  # compact a log once half its entries are tombstones
 
 
@@ -125,20 +129,23 @@ class SnapshotIndex(Generic[K]):
         """One page of the keys ``node_id`` needs; ``cursor`` 0 starts, None ends."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        seq, phase = divmod(cursor, _PHASES)
+        position, phase = divmod(cursor, _PHASES)
         own = self._served.get(node_id)
         found: list[K] = []
         if phase == 0:
             if own is not None:
-                found, resume, _ = own.page(seq, limit)
+                found, resume, _ = own.page(position, limit)
                 if resume is not None:
                     return SnapshotPageKeys(found, resume * _PHASES)
-            phase, seq = 1, 0
+            seq, own_end = 0, (own.next_seq if own is not None else 0)
+        else:
+            seq, own_end = divmod(position, _OWN_END_SPAN)
         budget = limit - len(found)
         while budget > 0:
             blocked, resume, _ = self._blocked.page(seq, budget)
-            # Keys the node served went out in phase 0 already.
-            fresh = [k for k in blocked if own is None or k not in own.where]
+            # Keys the node served before its own log was paged went out in phase 0; one
+            # it began to serve after that was not sent, so it goes out here.
+            fresh = [k for k in blocked if not _sent_in_phase_0(own, k, own_end)]
             found += fresh
             budget -= len(fresh)
             if resume is None:
@@ -148,4 +155,11 @@ class SnapshotIndex(Generic[K]):
                 # Skipped duplicates: end the page here rather than loop on, so a page
                 # never costs more than twice its size.
                 break
-        return SnapshotPageKeys(found, seq * _PHASES + 1)
+        return SnapshotPageKeys(found, (seq * _OWN_END_SPAN + own_end) * _PHASES + 1)
+
+
+def _sent_in_phase_0(own: _Log[K] | None, key: K, own_end: int) -> bool:
+    if own is None:
+        return False
+    seq = own.where.get(key)
+    return seq is not None and seq < own_end
