@@ -75,6 +75,7 @@ class GlobalTotals:
         self._seq = 0
         self._in_flight = 0  # checkpoints taken and not yet confirmed or released
         self._in_flight_rows = 0  # their rows and buckets
+        self._expired: list[WindowKey] = []  # pruned key-windows still in the table
         # Shared across leadership terms by the caller: it backs a Prometheus counter,
         # which must not drop when a new term rebuilds the totals.
         self.over_admission: dict[str, int] = {} if over_admission is None else over_admission
@@ -242,6 +243,7 @@ class GlobalTotals:
             raise RuntimeError("cannot reload while a checkpoint is in flight")
         self.windows.clear()
         self.table = ComponentTable()
+        self._expired = []
         self.load_more(rows)
 
     def load_more(self, rows: Iterable[ComponentRow]) -> None:
@@ -279,6 +281,10 @@ class GlobalTotals:
                    if w.window_end + self.retention_ms <= now]
         for key in expired:
             del self.windows[key]
-        if expired:
-            self.table = self.table.without_key_windows(expired)
+        # Their rows leave the table in a rebuild, O(table), so only once a quarter of
+        # the key-windows waits for it: the cost stays proportional to what is dropped.
+        self._expired.extend(expired)
+        if self._expired and len(self._expired) * 4 >= self.table.key_windows:
+            self.table = self.table.without_key_windows(self._expired)
+            self._expired = []
         return len(expired)
