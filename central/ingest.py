@@ -173,9 +173,15 @@ class LeaderIngest:
     # --- checkpoint -------------------------------------------------------------------
 
     async def _checkpoint_forever(self) -> None:
+        # A checkpoint starts every interval, or right after the previous one when that
+        # took longer: the interval is the period, not the pause between checkpoints.
+        loop = asyncio.get_running_loop()
+        took = 0.0
         while True:
-            await asyncio.sleep(self._commit_interval)
+            await asyncio.sleep(max(0.0, self._commit_interval - took))
+            started = loop.time()
             await self.commit()
+            took = loop.time() - started
 
     async def commit(self) -> None:
         """One checkpoint: write what is owed now, in bounded batches, acking after each
