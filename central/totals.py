@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from central.ledger_rows import BucketIncrement, ComponentRow
 from central.partitions.components import Checkpoint, ComponentTable
@@ -28,6 +29,7 @@ FUTURE_TOLERANCE_MS = 3_600_000  # clock skew we accept on a window start
 WindowKey = tuple[str, str, int]  # namespace, key hash, window start
 MAX_NAMESPACE_LABELS = 100
 _EVERYTHING = 1 << 62
+_Shared = TypeVar("_Shared", str, int)
 
 
 @dataclass(slots=True)
@@ -76,6 +78,9 @@ class GlobalTotals:
         self._in_flight = 0  # checkpoints taken and not yet confirmed or released
         self._in_flight_rows = 0  # their rows and buckets
         self._expired: list[WindowKey] = []  # pruned key-windows still in the table
+        # One object per distinct namespace and window bound instead of one per key-window
+        # (every decoded message brings its own copies): ~80 B less per key-window.
+        self._shared: dict[str | int, str | int] = {}
         # Shared across leadership terms by the caller: it backs a Prometheus counter,
         # which must not drop when a new term rebuilds the totals.
         self.over_admission: dict[str, int] = {} if over_admission is None else over_admission
@@ -107,7 +112,9 @@ class GlobalTotals:
             key = (entry.namespace, entry.key_hash, start)
             window = self.windows.get(key)
             if window is None:
-                window = self.windows[key] = KeyWindow(end, entry.policy, batch.flushed_at)
+                key = (self._share(entry.namespace), entry.key_hash, self._share(start))
+                window = self.windows[key] = KeyWindow(self._share(end), entry.policy,
+                                                       batch.flushed_at)
             elif batch.flushed_at >= window.policy_at:
                 # The newest policy decides limit and window end (blocks last until it).
                 window.policy, window.policy_at = entry.policy, batch.flushed_at
@@ -125,6 +132,11 @@ class GlobalTotals:
             self._changed.add(key)
             self._measure_over_admission(entry.namespace, window)
         return outcome
+
+    def _share(self, value: _Shared) -> _Shared:
+        found = self._shared.setdefault(value, value)
+        assert type(found) is type(value)
+        return found
 
     def _measure_over_admission(self, namespace: str, window: KeyWindow) -> None:
         if not ALGORITHMS[window.policy.algorithm].blocks:
@@ -261,7 +273,9 @@ class GlobalTotals:
             window = self.windows.get(key)
             if window is None:
                 end = window_end(policy.duration, row.window_start)
-                window = self.windows[key] = KeyWindow(end, policy, row.updated_at)
+                key = (self._share(row.namespace), row.key_hash, self._share(row.window_start))
+                window = self.windows[key] = KeyWindow(self._share(end), policy,
+                                                       row.updated_at)
             elif row.updated_at >= window.policy_at:
                 window.policy, window.policy_at = policy, row.updated_at
             self.table.load(namespace=row.namespace, key_hash=row.key_hash,
