@@ -11,17 +11,20 @@ must make ingest stop fetching, leave the rest in the stream and keep the lease.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import nats
 import pytest
+from nats.aio.msg import Msg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.database import make_engine
-from sync.subjects import USAGE_CONSUMER, USAGE_STREAM
+from sync.messages import decode_totals
+from sync.subjects import TOTALS, USAGE_CONSUMER, USAGE_STREAM
 from tests.support.cluster import HOUR_MS, Cluster, avoid_window_boundary, metric_value, wait_until
 from tests.support.nats_server import NatsServer
 from tests.support.processes import ManagedProcess
@@ -199,3 +202,66 @@ async def wait_for_blocked_write(engine: AsyncEngine, *, seconds: float) -> None
     while not await blocked():
         assert asyncio.get_running_loop().time() < deadline, "no write waited on the lock"
         await asyncio.sleep(0.2)
+
+
+SEEDED = 50_000
+
+
+def test_failover_with_many_components_loads_them_and_publishes_totals(
+        cluster: Cluster) -> None:
+    """A new leader loads every component of the ledger (in chunks that yield) into the
+    compact table: a total it publishes after the failover counts the loaded value plus
+    the new usage, and the new usage is billed exactly once."""
+    avoid_window_boundary(HOUR_MS, span_s=180)
+    now = int(time.time() * 1000)
+    start = now - now % HOUR_MS
+    asyncio.run(seed_components(cluster.database_url, start=start, now=now))
+    assert cluster.components_total("hand") == 3 * SEEDED
+    first = cluster.central()
+    wait_until(lambda: is_leader(first), timeout=60, what="the first replica leads")
+    second = cluster.central()
+    first.kill()
+    wait_until(lambda: is_leader(second), timeout=60, what="the standby takes over")
+
+    key = f"{SEEDED // 2:032x}"  # seeded with 3 by seed.1
+    totals = asyncio.run(total_after_usage(cluster.nats.url, key))
+    assert totals == (3 + 4, {"seed.1": 3, "hand.1": 4})
+    wait_until(lambda: all_acked(cluster), timeout=60, what="the usage acked")
+    assert cluster.components_total("hand") == 3 * SEEDED + 4
+    assert cluster.billed("hand") == (4, 0)  # the seeded rows have no buckets
+
+
+async def seed_components(database_url: str, *, start: int, now: int) -> None:
+    """SEEDED components of node seed.1, 3 each, in the current hour's window."""
+    engine = make_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text(
+                "INSERT INTO components SELECT 'hand', lpad(to_hex(i), 32, '0'), :start,"
+                " 'seed.1', 'hand', :end, 3, 0, 1000, '1h', 'fixed_window', NULL, :now"
+                " FROM generate_series(1, :n) AS i"),
+                {"start": start, "end": start + HOUR_MS, "now": now, "n": SEEDED})
+    finally:
+        await engine.dispose()
+
+
+async def total_after_usage(nats_url: str, key: str) -> tuple[int, dict[str, int]]:
+    """Publish 4 for ``key`` from node hand.1; the first total central broadcasts for it."""
+    nc = await nats.connect(nats_url)
+    found: asyncio.Future[tuple[int, dict[str, int]]] = asyncio.get_running_loop(
+        ).create_future()
+
+    async def on_totals(msg: Msg) -> None:
+        for total in decode_totals(msg.data).totals:
+            # The takeover itself broadcasts every loaded key-window: wait for the
+            # total that carries the new usage.
+            if total.key_hash == key and "hand.1" in total.components and not found.done():
+                found.set_result((total.total, dict(total.components)))
+
+    sub = await nc.subscribe(TOTALS, cb=on_totals)
+    try:
+        await asyncio.to_thread(publish, nats_url, [batch("hand.1", key, 4)])
+        return await asyncio.wait_for(found, timeout=60)
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
