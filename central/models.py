@@ -223,11 +223,24 @@ class QuarantinedRow(Base):
     row: Mapped[str] = mapped_column(Text)
 
 
+class PartitionLease(Base):
+    """The term of each partition's leader lease. A new leader raises the term as it
+    takes the lock; every ledger write first reads the term FOR SHARE and aborts unless
+    it is its own, so a deposed leader cannot write, and the new leader's raise waits
+    for the old leader's write in flight to finish (central/leadership.py)."""
+
+    __tablename__ = "partition_leases"
+
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    term: Mapped[int] = mapped_column(BigInteger)
+
+
 # Core tables, for bulk statements (upserts) that bypass the ORM unit of work.
 components = cast(Table, Component.__table__)
 usage_hourly = cast(Table, UsageHourly.__table__)
 usage_daily = cast(Table, UsageDaily.__table__)
 usage_quarantine = cast(Table, QuarantinedRow.__table__)
+partition_leases = cast(Table, PartitionLease.__table__)
 usage_monthly = cast(Table, UsageMonthly.__table__)
 usage_retention = cast(Table, UsageRetention.__table__)
 namespaces = cast(Table, Namespace.__table__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import socket
@@ -31,6 +32,7 @@ from sync.subjects import CONFIG
 log = logging.getLogger("regionlimit.central")
 LEASE_POLL_S = 1.0
 STOP_STEP_S = 5.0
+LOAD_CHUNK = 5000  # ledger rows per step of a new leader's load (it yields in between)
 
 
 class CentralService:
@@ -161,14 +163,18 @@ class CentralService:
         """Rebuild state from the ledger, then ingest. JetStream redelivers whatever the
         previous leader had not committed."""
         now = self.clock()
+        gc.unfreeze()  # the previous term's state may be collected now
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
                               over_admission=self.over_admission)
         # In chunks, yielding between them: this loop also answers consistent checks,
         # and one pass over every key-window stalled them past their timeout (issue 10).
         async for rows in self.ledger.stream_components(
-                window_end_after=now - totals.retention_ms):
+                window_end_after=now - totals.retention_ms, chunk=LOAD_CHUNK):
             totals.load_more(rows)
             await asyncio.sleep(0)
+        # What was loaded lives as long as the term: out of the collector's generations,
+        # so full collections do not walk it again and again (short GC pauses).
+        gc.freeze()
         self.totals = totals
         assert self.link.nc is not None
         ingest = LeaderIngest(
@@ -177,7 +183,11 @@ class CentralService:
             metrics=self.metrics,
             clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
             tick_interval=self.settings.seconds("tick_interval"), config=self.current_config,
-            rollup=RollupJob.from_settings(self.engine, self.settings))
+            rollup=RollupJob.from_settings(self.engine, self.settings),
+            max_dirty=self.settings.max_dirty,
+            checkpoint_batch=self.settings.checkpoint_batch,
+            ack_wait=self.settings.seconds("ack_wait"),
+            crash_at=self.settings.test_crash_at)
         self.is_leader = True
         self.metrics.leader.set(1)
         log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,7 +31,17 @@ class CentralSettings(BaseSettings):
     identifier_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
     tick_interval: str = "100ms"
+    # How often the leader checkpoints dirty components and buckets to the ledger.
     commit_interval: str = "1s"
+    # Rows (components, and buckets, each) per checkpoint transaction.
+    checkpoint_batch: int = Field(default=5000, ge=1, le=100_000)
+    # Ingest stops fetching while this many dirty components + pending buckets are owed.
+    max_dirty: int = Field(default=200_000, ge=1)
+    # How long JetStream waits for the leader's ack of a usage message before it
+    # redelivers it (set when the durable consumer is created).
+    ack_wait: str = "60s"
+    # Tests only: the checkpoint task kills its process (SIGKILL) at this point.
+    test_crash_at: Literal["", "before_write", "after_write", "mid_batch"] = ""
     retention: str = "7d"
     # Usage rollups (central/billing/rollups.py): hour-level detail is kept this long, day-level
     # detail that long; monthly totals forever. Whole days / months are pruned at once.
@@ -47,7 +58,8 @@ class CentralSettings(BaseSettings):
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval", "lease_timeout")(check_interval)
+                                 "rollup_interval", "lease_timeout", "ack_wait"
+                                 )(check_interval)
 
     @field_validator("lease_timeout")
     @classmethod
