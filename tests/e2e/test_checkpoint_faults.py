@@ -28,7 +28,7 @@ from sync.subjects import TOTALS, USAGE_CONSUMER, USAGE_STREAM
 from tests.support.cluster import HOUR_MS, Cluster, avoid_window_boundary, metric_value, wait_until
 from tests.support.nats_server import NatsServer
 from tests.support.processes import ManagedProcess
-from tests.test_sync_e2e import batch, publish
+from tests.e2e.test_sync_e2e import batch, publish
 
 ACK_WAIT = "3s"  # redelivery to the restarted central after this (not a timing assert)
 KEYS = [f"{i:032x}" for i in range(10)]
