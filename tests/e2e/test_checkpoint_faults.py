@@ -25,10 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from central.database import make_engine
 from sync.messages import decode_totals
 from sync.subjects import TOTALS, USAGE_CONSUMER, USAGE_STREAM
+from tests.e2e.test_sync_e2e import batch, publish
 from tests.support.cluster import HOUR_MS, Cluster, avoid_window_boundary, metric_value, wait_until
 from tests.support.nats_server import NatsServer
 from tests.support.processes import ManagedProcess
-from tests.e2e.test_sync_e2e import batch, publish
 
 ACK_WAIT = "3s"  # redelivery to the restarted central after this (not a timing assert)
 KEYS = [f"{i:032x}" for i in range(10)]
