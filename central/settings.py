@@ -30,9 +30,19 @@ class CentralSettings(BaseSettings):
     daily_retention: str = "400d"
     rollup_interval: str = "10m"
     log_level: str = "info"
+    # Lease mode (central/lease_authority.py): how long a node may spend a slice from the
+    # moment it asked, and how long after that the authority waits before taking back
+    # what an unheard-from node did not report using ("0" = never take it back).
+    lease_ttl: str = "10s"
+    lease_reclaim_after: str = "30s"
 
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval")(check_interval)
+                                 "rollup_interval", "lease_ttl")(check_interval)
+
+    @field_validator("lease_reclaim_after")
+    @classmethod
+    def _zero_or_interval(cls, value: str) -> str:
+        return value if value == "0" else check_interval(value)
 
     @field_validator("hourly_retention", "daily_retention")
     @classmethod

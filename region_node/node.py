@@ -13,6 +13,7 @@ from region_node.checker import Checker
 from region_node.consistent import ConsistentClient
 from region_node.counters import CounterStore
 from region_node.http import CheckEndpoints
+from region_node.lease import LeaseClient
 from region_node.metrics import NodeMetrics
 from region_node.policies import PolicyResolver
 from region_node.policy_file import load_policy_file
@@ -56,6 +57,7 @@ class RegionNode:
         self.endpoints = CheckEndpoints(self.checker, node_token=token)
         self._tasks: list[asyncio.Task[Any]] = []
         self.sync: NodeSync | None = None
+        self.leases: LeaseClient | None = None
         if settings.nats_url:
             self.sync = NodeSync(
                 options=NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
@@ -67,6 +69,9 @@ class RegionNode:
             self.checker.authority = ConsistentClient(
                 link=self.sync.link, node_id=self.node_id, region=self.region,
                 store=self.store, metrics=self.metrics, clock=clock)
+            self.leases = self.checker.leases = LeaseClient(
+                link=self.sync.link, node_id=self.node_id, region=self.region,
+                store=self.store, metrics=self.metrics, clock=clock)
 
     async def start(self) -> None:
         if self.sync is None:
@@ -74,9 +79,15 @@ class RegionNode:
                         "enforced by this process alone", self.node_id)
         else:
             await self.sync.start()
+        if self.leases is not None:
+            self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self._evict_forever(), name="evict"))
 
     async def stop(self) -> None:
+        if self.leases is not None:
+            # Before the final flush, while NATS is still up: unused slices go back so
+            # other nodes can spend them; the usage they admitted goes out with the flush.
+            await self.leases.stop()
         if self.sync is not None:
             await self.sync.stop()
         for task in self._tasks:

@@ -10,7 +10,10 @@ from sync.durations import Duration, parse_duration
 from sync.errors import InvalidField
 
 ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
-MODES = ("fast", "consistent")
+MODES = ("fast", "consistent", "lease")
+# Lease mode hands out slices of a window's budget; a sliding window or a token bucket has
+# no fixed budget to slice (see docs/lease-mode.md).
+LEASE_ALGORITHMS = ("fixed_window",)
 ON_UNAVAILABLE = ("open", "closed")
 MAX_LIMIT = 1_000_000_000_000
 DEFAULT_ALGORITHM = "sliding_window"
@@ -98,12 +101,16 @@ def build_policy(
                                field="timeout")
     if timeout_d.is_month or timeout_d.ms > MAX_TIMEOUT_MS:
         raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
+    checked_mode = _choice(mode if mode is not None else "fast", "mode", MODES)
+    if checked_mode == "lease" and algo not in LEASE_ALGORITHMS:
+        raise InvalidField("algorithm", "mode lease works only with algorithm "
+                           + " or ".join(LEASE_ALGORITHMS))
     return Policy(
         limit=checked_limit,
         duration=parsed,
         algorithm=algo,
         burst=checked_burst,
-        mode=_choice(mode if mode is not None else "fast", "mode", MODES),
+        mode=checked_mode,
         on_unavailable=_choice(
             on_unavailable if on_unavailable is not None else "open", "on_unavailable",
             ON_UNAVAILABLE,
