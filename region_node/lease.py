@@ -46,6 +46,7 @@ EXHAUSTED_RECHECK_S = 0.5  # after "no free budget", deny locally this long befo
 RENEW_BEFORE = 0.3  # renew an active key's lease in the last 30% of its life
 TICK_S = 0.25
 RETURN_TIMEOUT_S = 2.0
+MIN_ATTEMPT_S = 0.2
 
 
 @dataclass(slots=True)
@@ -84,6 +85,12 @@ class LeaseClient:
         for name in ("lease_local_answers", "lease_waits", "lease_requests",
                      "lease_requests_failed", "lease_returns"):
             metrics.counters[name] = 0
+        metrics.gauges["lease_units_held"] = self.units_held
+
+    def units_held(self) -> int:
+        """Unused units of unexpired slices (computed on scrape: active lease keys)."""
+        mono = time.monotonic()
+        return sum(s.left(mono) for s in self._slices.values())
 
     # --- checks ----------------------------------------------------------------------
 
@@ -216,8 +223,10 @@ class LeaseClient:
                                seq=self._seq, want=min(want, s.policy.limit), demand=demand)
         self._metrics.counters["lease_requests"] += 1
         try:
+            # A third of the timeout per attempt: a request lost with a killed replica
+            # leaves time to ask another one before on_unavailable has to decide.
             reply = await nc.request(LEASE, encode_lease_request(request),
-                                     timeout=max(s.policy.timeout.ms / 1000, 1.0))
+                                     timeout=max(s.policy.timeout.ms / 3000, MIN_ATTEMPT_S))
             return decode_lease_grant(reply.data)
         except UNAVAILABLE as exc:
             self._metrics.counters["lease_requests_failed"] += 1

@@ -21,6 +21,7 @@ from region_node.settings import NodeSettings
 from region_node.sync_loop import NodeSync
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsOptions
+from sync.durations import setting_ms
 from sync.identifiers import IdentifierHasher
 
 log = logging.getLogger("regionlimit.node")
@@ -71,7 +72,8 @@ class RegionNode:
                 store=self.store, metrics=self.metrics, clock=clock)
             self.leases = self.checker.leases = LeaseClient(
                 link=self.sync.link, node_id=self.node_id, region=self.region,
-                store=self.store, metrics=self.metrics, clock=clock)
+                store=self.store, metrics=self.metrics, clock=clock,
+                idle_s=setting_ms(settings.lease_idle) / 1000)
 
     async def start(self) -> None:
         if self.sync is None:

@@ -30,8 +30,11 @@ class NodeSettings(BaseSettings):
     inline_namespaces: bool = True
     max_inline_namespaces: int = Field(default=1000, ge=0)
     log_level: str = "info"
+    # Lease mode: a key unchecked this long gives its unused slice back.
+    lease_idle: str = "5s"
 
-    _intervals = field_validator("flush_interval", "snapshot_timeout")(check_interval)
+    _intervals = field_validator("flush_interval", "snapshot_timeout",
+                                 "lease_idle")(check_interval)
 
     @property
     def flush_interval_s(self) -> float:
