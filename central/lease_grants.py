@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # A slice should last this long at the node's observed demand (Doorman-style sizing).
-DEFAULT_HORIZON_MS = 2_000
+DEFAULT_HORIZON_MS = 1_000
 # One node takes at most 1/MIN_SHARES of what nobody holds, so a second region that starts
 # asking still finds budget left without waiting for the first to give some back.
 MIN_SHARES = 2
@@ -84,8 +84,10 @@ def acquire(budget: Budget, node_id: str, *, seq: int, used: int, want: int, dem
     return grant
 
 
-def give_back(budget: Budget, node_id: str, *, seq: int, used: int, now: int) -> Grant:
-    """The node stops spending its slice: its grant shrinks to what it used."""
+def give_back(budget: Budget, node_id: str, *, seq: int, used: int, now: int, keep: int = 0
+              ) -> Grant:
+    """The node gives back all but ``keep`` of its unused slice (it has stopped spending
+    the rest before asking): its grant shrinks to what it used plus ``keep``."""
     grant = budget.grants.get(node_id)
     if grant is None:
         grant = budget.grants[node_id] = Grant()
@@ -93,8 +95,10 @@ def give_back(budget: Budget, node_id: str, *, seq: int, used: int, now: int) ->
         return grant
     grant.seq, grant.changed = seq, True
     grant.reported = max(grant.reported, used)
-    grant.granted = grant.reported
-    grant.expires_at = min(grant.expires_at, now)
+    kept = min(keep, max(0, grant.granted - grant.reported))
+    grant.granted = grant.reported + kept
+    if not kept:
+        grant.expires_at = min(grant.expires_at, now)
     return grant
 
 

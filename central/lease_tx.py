@@ -95,7 +95,8 @@ class LeaseTransactions:
         if request.op == "return":
             if request.window_start != start:
                 return budget.grants.get(request.node_id) or Grant()
-            return give_back(budget, request.node_id, seq=request.seq, used=used, now=now)
+            return give_back(budget, request.node_id, seq=request.seq, used=used, now=now,
+                             keep=request.want)
         return acquire(budget, request.node_id, seq=request.seq, used=used,
                        want=request.want, demand=request.demand, now=now,
                        ttl_ms=self._ttl_ms, horizon_ms=self._horizon_ms)

@@ -47,6 +47,11 @@ RENEW_BEFORE = 0.3  # renew an active key's lease in the last 30% of its life
 TICK_S = 0.25
 RETURN_TIMEOUT_S = 2.0
 MIN_ATTEMPT_S = 0.2
+TRIM_AFTER_S = 1.0  # a slice is trimmed at most this often (from its last request)
+KEEP_HORIZON_S = 1.0  # a trimmed slice keeps this long of its recent demand
+# Demand is cost over at least this span: one check just after a slice was created
+# should not look like a flood.
+MIN_DEMAND_SPAN_S = 0.25
 
 
 @dataclass(slots=True)
@@ -72,7 +77,7 @@ class Slice:
 
 class LeaseClient:
     def __init__(self, *, link: NatsLink, node_id: str, region: str, store: CounterStore,
-                 metrics: NodeMetrics, clock: Clock, idle_s: float = 5.0) -> None:
+                 metrics: NodeMetrics, clock: Clock, idle_s: float = 2.0) -> None:
         self._link = link
         self._node_id = node_id
         self._region = region
@@ -81,6 +86,9 @@ class LeaseClient:
         self._clock = clock
         self._idle_s = idle_s
         self._slices: dict[tuple[str, str], Slice] = {}
+        # Keys whose slice went back while their window lasts: (start, end, spent).
+        self._retired: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._sweep: list[tuple[str, str]] = []
         self._seq = 0
         for name in ("lease_local_answers", "lease_waits", "lease_requests",
                      "lease_requests_failed", "lease_returns"):
@@ -110,10 +118,20 @@ class LeaseClient:
     def _slice(self, namespace: str, key_hash: str, policy: Policy, now: int) -> Slice:
         key = (namespace, key_hash)
         s = self._slices.get(key)
-        if s is None or now >= s.window_end or s.policy != policy:
-            start, end = window_bounds(policy.duration, now)
-            s = self._slices[key] = Slice(policy, start, end)
-        return s
+        if s is not None and now < s.window_end and s.policy == policy:
+            return s
+        start, end = window_bounds(policy.duration, now)
+        fresh = self._slices[key] = Slice(policy, start, end)
+        # Within a window the authority counts one grant per node, however many slices
+        # the node went through (a returned one, one under a changed limit): a new slice
+        # starts from what the node spent, or it could spend those units twice.
+        if s is not None and (s.window_start, s.window_end) == (start, end):
+            fresh.spent = s.spent
+        else:
+            retired = self._retired.pop(key, None)
+            if retired is not None and retired[0] == start:
+                fresh.spent = retired[2]
+        return fresh
 
     def _admit(self, namespace: str, key_hash: str, s: Slice, cost: int, label: str,
                now: int, mono: float) -> Result:
@@ -195,7 +213,7 @@ class LeaseClient:
 
     def _demand(self, s: Slice, mono: float) -> int:
         """Cost per second the key's checks asked for since the last request."""
-        elapsed = max(mono - s.asked_since, 0.05)
+        elapsed = max(mono - s.asked_since, MIN_DEMAND_SPAN_S)
         demand = int(s.asked / elapsed)
         s.asked, s.asked_since = 0, mono
         return demand
@@ -263,12 +281,53 @@ class LeaseClient:
                 continue
             elif mono - s.used_at >= self._idle_s:
                 del self._slices[key]
+                self._retired[key] = (s.window_start, s.window_end, s.spent)
                 if s.left(mono) > 0:
                     returns.append(self._give_back(*key, s))
+            elif (keep := self._worth_keeping(s, mono)) is not None:
+                self._start_trim(*key, s, keep)
             elif s.left(mono) > 0 and s.deadline - mono < RENEW_BEFORE * s.ttl_s:
                 self._start_request(*key, s, want=0)
+        self._forget_ended(now)
         if returns:
             await asyncio.gather(*returns)
+
+    def _forget_ended(self, now: int, *, budget: int = 5_000) -> None:
+        """Drop retired keys whose window has ended, ``budget`` of them per tick."""
+        if not self._sweep:
+            self._sweep = list(self._retired)
+        chunk = self._sweep[-budget:]
+        del self._sweep[-budget:]
+        for key in chunk:
+            retired = self._retired.get(key)
+            if retired is not None and retired[1] <= now:
+                del self._retired[key]
+
+    @staticmethod
+    def _worth_keeping(s: Slice, mono: float) -> int | None:
+        """How much of a slice to keep when it holds far more than its recent demand
+        needs while the free budget is short (others may be denied meanwhile); None to
+        keep it all."""
+        left = s.left(mono)
+        if left <= s.free or mono - s.asked_since < TRIM_AFTER_S:
+            return None
+        rate = s.asked / max(mono - s.asked_since, MIN_DEMAND_SPAN_S)
+        keep = int(rate * KEEP_HORIZON_S) + 1
+        return keep if left > 2 * keep else None
+
+    def _start_trim(self, namespace: str, key_hash: str, s: Slice, keep: int) -> None:
+        s.granted = s.spent + keep  # stop spending the rest first
+        s.request = asyncio.get_running_loop().create_task(
+            self._trim(namespace, key_hash, s, keep), name="lease-trim")
+
+    async def _trim(self, namespace: str, key_hash: str, s: Slice, keep: int
+                    ) -> LeaseGrant | None:
+        try:
+            self._metrics.counters["lease_returns"] += 1
+            await self._ask("return", namespace, key_hash, s, want=keep, demand=0)
+            return None  # a return's answer is not a grant to spend
+        finally:
+            s.request = None
 
     async def _give_back(self, namespace: str, key_hash: str, s: Slice) -> None:
         # Stop spending first: from here on the slice is only what was used.

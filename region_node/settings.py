@@ -31,7 +31,7 @@ class NodeSettings(BaseSettings):
     max_inline_namespaces: int = Field(default=1000, ge=0)
     log_level: str = "info"
     # Lease mode: a key unchecked this long gives its unused slice back.
-    lease_idle: str = "5s"
+    lease_idle: str = "2s"
 
     _intervals = field_validator("flush_interval", "snapshot_timeout",
                                  "lease_idle")(check_interval)

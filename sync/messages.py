@@ -402,7 +402,8 @@ class LeaseRequest:
 
     ``used`` is what the node admitted from its slices in the window starting at
     ``window_start`` (0 when it holds none); ``want`` the cost it needs now (0 for a
-    background refill); ``demand`` the cost per second its checks asked for lately.
+    background refill), or for a return what it keeps of its unused slice; ``demand``
+    the cost per second its checks asked for lately.
     """
 
     op: str

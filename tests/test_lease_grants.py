@@ -26,13 +26,14 @@ MARGIN = 30_000
 
 def test_a_slice_covers_the_cost_and_the_demand_up_to_a_fair_share() -> None:
     # 50/s over a 2 s horizon wants 100; half of the 1,000 free is the cap.
-    assert slice_size(want=1, demand=50, unused=0, free=1000, holders=1) == 100
+    assert slice_size(want=1, demand=50, unused=0, free=1000, holders=1,
+                      horizon_ms=2_000) == 100
     assert slice_size(want=1, demand=10_000, unused=0, free=1000, holders=1) == 500
     assert slice_size(want=1, demand=10_000, unused=0, free=1000, holders=4) == 250
     # No demand seen yet: just the cost asked.
     assert slice_size(want=3, demand=0, unused=0, free=1000, holders=1) == 3
     # What the node still holds counts against its target.
-    assert slice_size(want=0, demand=50, unused=80, free=1000, holders=1) == 20
+    assert slice_size(want=0, demand=50, unused=30, free=1000, holders=1) == 20
     # The cost always, even above the fair share; nothing when the free budget can't.
     assert slice_size(want=600, demand=0, unused=0, free=1000, holders=3) == 600
     assert slice_size(want=5, demand=100, unused=0, free=4, holders=1) == 0
@@ -45,7 +46,9 @@ def test_grants_stop_at_the_limit_and_a_return_frees_the_unused_part() -> None:
     assert (a.granted, budget.free) == (45, 45)
     b = acquire(budget, "b", seq=1, used=0, want=1, demand=1000, now=0, ttl_ms=TTL)
     assert (b.granted, budget.free) == (23, 22)
-    give_back(budget, "a", seq=2, used=30, now=5)
+    give_back(budget, "a", seq=2, used=30, now=5, keep=4)  # a keeps 4 of its 15 unused
+    assert (a.granted, budget.free) == (34, 33)
+    give_back(budget, "a", seq=3, used=30, now=5)
     assert (a.granted, budget.free) == (30, 37)
     c = acquire(budget, "c", seq=1, used=0, want=37, demand=0, now=5, ttl_ms=TTL)
     assert (c.granted, budget.free) == (37, 0)
@@ -115,7 +118,7 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("spend"), st.sampled_from(NODES), st.integers(1, 40)),
     st.tuples(st.just("acquire"), st.sampled_from(NODES), st.integers(0, 30),
               st.integers(0, 500)),
-    st.tuples(st.just("return"), st.sampled_from(NODES)),
+    st.tuples(st.just("return"), st.sampled_from(NODES), st.integers(0, 20)),
     st.tuples(st.just("deliver"), st.integers(0, 5), st.booleans()),
     st.tuples(st.just("publish"), st.sampled_from(NODES)),
     st.tuples(st.just("sleep"), st.integers(1, 25_000)),
@@ -143,11 +146,12 @@ def run(world: World, program: list[tuple[object, ...]]) -> None:
             node.published = node.spent
         else:
             node.newest_seq += 1
-            if kind == "return":
-                node.granted, node.deadline = node.spent, 0  # stops spending first
+            want = int(step[2])  # type: ignore[call-overload]  # a return: what it keeps
+            if kind == "return":  # it stops spending what it gives back first
+                node.granted = min(node.granted, node.spent + want)
+                node.deadline = node.deadline if want else 0
             world.in_flight.append(Message(
-                str(step[1]), str(kind), node.newest_seq, world.now, node.spent,
-                int(step[2]) if kind == "acquire" else 0,  # type: ignore[call-overload]
+                str(step[1]), str(kind), node.newest_seq, world.now, node.spent, want,
                 int(step[3]) if kind == "acquire" else 0))  # type: ignore[call-overload]
         check(world)
 
@@ -162,7 +166,8 @@ def deliver(world: World, msg: Message, *, reply_arrives: bool) -> None:
         world.nodes[name].published = world.nodes[name].spent
     reclaim(budget, {n: node.published for n, node in world.nodes.items()}, expired)
     if msg.op == "return":
-        grant = give_back(budget, msg.node, seq=msg.seq, used=msg.used, now=world.now)
+        grant = give_back(budget, msg.node, seq=msg.seq, used=msg.used, now=world.now,
+                          keep=msg.want)
     else:
         grant = acquire(budget, msg.node, seq=msg.seq, used=msg.used, want=msg.want,
                         demand=msg.demand, now=world.now, ttl_ms=TTL)
