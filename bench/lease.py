@@ -252,6 +252,7 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get(
         "REGIONLIMIT_BENCH_POSTGRES", DEFAULT_POSTGRES))
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     delays = {r: float(d) for r, d in (item.split("=") for item in args.delays.split(","))}
     limits = [int(x) for x in args.limits.split(",")]
@@ -264,7 +265,7 @@ def main() -> None:
     with WanSystem(postgres=args.postgres, delays=delays) as system:
         for limit in limits:
             for spread, pattern in shapes:
-                for mode in MODES:
+                for mode in args.modes.split(","):
                     run = measure(system, mode, limit, spread, pattern, rng)
                     runs.append(run)
                     print(f"{mode:10} limit {limit:>6} {spread:6} {pattern:6}: admitted "
@@ -272,6 +273,11 @@ def main() -> None:
                           f"{run.false_denials:>5} fallbacks {run.fallbacks:>4} no-wait "
                           f"{run.no_wait_share:6.1%} p50 {run.p50_ms:7.1f} ms p99 "
                           f"{run.p99_ms:7.1f} ms", flush=True)
+        system_counters = {name: system.node_counter(f"regionlimit_{name}_total")
+                           for name in ("lease_requests", "lease_requests_failed",
+                                        "lease_waits", "lease_returns")}
+    counters = {name: system_counters[name] for name in system_counters}
+    print(f"lease requests from the nodes: {counters}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "lease.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))

@@ -28,6 +28,7 @@ class Grant:
     reported: int = 0  # what the node said it had admitted from its slices
     expires_at: int = 0  # the authority's view of the lease end (epoch ms)
     seq: int = 0  # the newest request applied: an older one arriving late is ignored
+    demand: int = 0  # cost per second the node said its checks asked for, last time
     changed: bool = False  # to write back
 
     @property
@@ -49,19 +50,23 @@ class Budget:
 
 
 def slice_size(*, want: int, demand: int, unused: int, free: int, holders: int,
-               horizon_ms: int = DEFAULT_HORIZON_MS) -> int:
+               others_demand: int = 0, horizon_ms: int = DEFAULT_HORIZON_MS) -> int:
     """How much to add to a node's grant.
 
     ``want`` is the cost the node must cover now beyond its ``unused`` slice: when the free
     budget cannot cover it, nothing is added (a partial slice could admit nothing and
     would only keep the units from other nodes). Beyond that, enough for ``horizon_ms`` of
-    the node's ``demand`` (cost per second), but at most a fair share of the free budget
-    among the nodes holding slices (at least MIN_SHARES ways).
+    the node's ``demand`` (cost per second), but at most a fair share of the free budget:
+    in proportion to its demand against the other holders' ``others_demand`` when they
+    said theirs, else an equal share among the holders (at least MIN_SHARES ways).
     """
     if want > free or free <= 0:
         return 0
     target = -(-demand * horizon_ms // 1000) - unused  # ceil, less what it still holds
-    fair = -(-free // max(MIN_SHARES, holders))
+    if others_demand > 0:
+        fair = -(-free * demand // (demand + others_demand))
+    else:
+        fair = -(-free // max(MIN_SHARES, holders))
     return min(free, max(want, min(target, fair)))
 
 
@@ -76,9 +81,12 @@ def acquire(budget: Budget, node_id: str, *, seq: int, used: int, want: int, dem
     grant.seq, grant.changed = seq, True
     grant.reported = max(grant.reported, used)
     grant.granted = max(grant.granted, grant.reported)
-    holders = sum(1 for g in budget.grants.values() if g.unused > 0 or g is grant)
+    grant.demand = demand
+    holding = [g for g in budget.grants.values() if g.unused > 0 and g is not grant]
     grant.granted += slice_size(want=max(0, want - grant.unused), demand=demand,
-                                unused=grant.unused, free=budget.free, holders=holders,
+                                unused=grant.unused, free=budget.free,
+                                holders=len(holding) + 1,
+                                others_demand=sum(g.demand for g in holding),
                                 horizon_ms=horizon_ms)
     grant.expires_at = now + ttl_ms
     return grant

@@ -35,6 +35,7 @@ class LeaseGrantRow(Base):
     reported: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger)
+    demand: Mapped[int] = mapped_column(BigInteger)
 
 
 lease_keys = cast(Table, LeaseKey.__table__)

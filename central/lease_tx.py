@@ -105,14 +105,16 @@ class LeaseTransactions:
                      budget: Budget) -> None:
         rows = [{"namespace": key[0], "key_hash": key[1], "node_id": node,
                  "granted": g.granted, "reported": g.reported, "expires_at": g.expires_at,
-                 "seq": g.seq} for node, g in budget.grants.items() if g.changed]
+                 "seq": g.seq, "demand": g.demand}
+                for node, g in budget.grants.items() if g.changed]
         if not rows:
             return
         statement = self._insert(lease_grants)
         await connection.execute(statement.on_conflict_do_update(
             index_elements=["namespace", "key_hash", "node_id"],
             set_={name: statement.excluded[name]
-                  for name in ("granted", "reported", "expires_at", "seq")}), rows)
+                  for name in ("granted", "reported", "expires_at", "seq", "demand")}),
+            rows)
 
 
 def _key_filter(table: Any, key: tuple[str, str]) -> tuple[Any, Any]:
@@ -121,7 +123,8 @@ def _key_filter(table: Any, key: tuple[str, str]) -> tuple[Any, Any]:
 
 async def _grants(connection: AsyncConnection, key: tuple[str, str]) -> dict[str, Grant]:
     rows = await connection.execute(select(lease_grants).where(*_key_filter(lease_grants, key)))
-    return {r.node_id: Grant(r.granted, r.reported, r.expires_at, r.seq) for r in rows}
+    return {r.node_id: Grant(r.granted, r.reported, r.expires_at, r.seq, r.demand)
+            for r in rows}
 
 
 async def _published(connection: AsyncConnection, key: tuple[str, str], window_start: int

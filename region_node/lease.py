@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -49,9 +50,9 @@ RETURN_TIMEOUT_S = 2.0
 MIN_ATTEMPT_S = 0.2
 TRIM_AFTER_S = 1.0  # a slice is trimmed at most this often (from its last request)
 KEEP_HORIZON_S = 1.0  # a trimmed slice keeps this long of its recent demand
-# Demand is cost over at least this span: one check just after a slice was created
-# should not look like a flood.
-MIN_DEMAND_SPAN_S = 0.25
+# Time constant of a key's demand average: a burst counts as that much cost per second
+# for about this long, and a steady rate is tracked within a few of them.
+DEMAND_TAU_S = 1.0
 
 
 @dataclass(slots=True)
@@ -65,8 +66,11 @@ class Slice:
     free: int = 0  # budget nobody held at the last grant
     increment: int = 0  # size of the last increment, for the refill threshold
     ttl_s: float = 0.0  # the last lease's time to live
-    asked: int = 0  # cost checks asked for since the last request (demand)
-    asked_since: float = field(default_factory=time.monotonic)
+    # Demand: cost per second the key's checks ask for, a moving average with a
+    # DEMAND_TAU_S time constant (as of ``rate_at``).
+    rate: float = 0.0
+    rate_at: float = field(default_factory=time.monotonic)
+    asked_since: float = field(default_factory=time.monotonic)  # the last request
     used_at: float = field(default_factory=time.monotonic)
     exhausted_until: float = 0.0
     request: asyncio.Task[LeaseGrant | None] | None = None
@@ -106,8 +110,8 @@ class LeaseClient:
               ) -> Result | Awaitable[Result]:
         now, mono = self._clock(), time.monotonic()
         s = self._slice(namespace, key_hash, policy, now)
-        s.asked += cost
-        s.used_at = mono
+        s.rate = s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S) + cost / DEMAND_TAU_S
+        s.rate_at = s.used_at = mono
         left = s.left(mono)
         if cost <= left and (cost or left):
             return self._admit(namespace, key_hash, s, cost, label, now, mono)
@@ -211,19 +215,18 @@ class LeaseClient:
         s.request = asyncio.get_running_loop().create_task(
             self._acquire(namespace, key_hash, s, want), name="lease-acquire")
 
-    def _demand(self, s: Slice, mono: float) -> int:
-        """Cost per second the key's checks asked for since the last request."""
-        elapsed = max(mono - s.asked_since, MIN_DEMAND_SPAN_S)
-        demand = int(s.asked / elapsed)
-        s.asked, s.asked_since = 0, mono
-        return demand
+    @staticmethod
+    def _demand(s: Slice, mono: float) -> float:
+        """The key's demand (cost per second) as of ``mono``."""
+        return s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S)
 
     async def _acquire(self, namespace: str, key_hash: str, s: Slice, want: int
                        ) -> LeaseGrant | None:
         try:
             sent = time.monotonic()
+            s.asked_since = sent
             grant = await self._ask("acquire", namespace, key_hash, s, want=want,
-                                    demand=self._demand(s, sent))
+                                    demand=math.ceil(self._demand(s, sent)))
             if grant is not None:
                 self._apply(namespace, key_hash, s, grant, sent)
             return grant
@@ -311,8 +314,7 @@ class LeaseClient:
         left = s.left(mono)
         if left <= s.free or mono - s.asked_since < TRIM_AFTER_S:
             return None
-        rate = s.asked / max(mono - s.asked_since, MIN_DEMAND_SPAN_S)
-        keep = int(rate * KEEP_HORIZON_S) + 1
+        keep = int(LeaseClient._demand(s, mono) * KEEP_HORIZON_S) + 1
         return keep if left > 2 * keep else None
 
     def _start_trim(self, namespace: str, key_hash: str, s: Slice, keep: int) -> None:

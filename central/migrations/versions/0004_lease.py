@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("reported", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.BigInteger(), nullable=False),
         sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("demand", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("namespace", "key_hash", "node_id",
                                 name=op.f("pk_lease_grants")),
     )
