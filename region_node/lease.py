@@ -244,10 +244,11 @@ class LeaseClient:
                                seq=self._seq, want=min(want, s.policy.limit), demand=demand)
         self._metrics.counters["lease_requests"] += 1
         try:
-            # A third of the timeout per attempt: a request lost with a killed replica
-            # leaves time to ask another one before on_unavailable has to decide.
+            # Half the timeout per attempt: a request lost with a killed replica leaves
+            # time to ask another one before on_unavailable has to decide, and a slow
+            # authority still gets a fair chance to answer.
             reply = await nc.request(LEASE, encode_lease_request(request),
-                                     timeout=max(s.policy.timeout.ms / 3000, MIN_ATTEMPT_S))
+                                     timeout=max(s.policy.timeout.ms / 2000, MIN_ATTEMPT_S))
             return decode_lease_grant(reply.data)
         except UNAVAILABLE as exc:
             self._metrics.counters["lease_requests_failed"] += 1

@@ -215,3 +215,34 @@ def test_a_killed_node_s_slice_is_reclaimed_down_to_its_published_usage(
     wait_until(spent_all, timeout=30, what="us's unused slice reclaimed for eu")
     assert drain([eu], "kill", "acct") == 0
     wait_until(lambda: cluster.billed("kill")[0] == 100, what="billed")
+
+
+def test_a_partitioned_node_admits_exactly_what_it_holds(cluster: Cluster) -> None:
+    central = cluster.central()
+    us, eu = cluster.node("us"), cluster.node("eu")
+    configure(central, "split", limit=100, timeout="2s", on_unavailable="closed", **LEASE)
+    wait_configured([us, eu], "split", mode="lease")
+    avoid_window_boundary(HOUR_MS, span_s=180)
+    first = asyncio.run(hammer([us.url], "split", "acct", clients_per_node=20,
+                               checks_per_client=1))
+    assert sum(r["allowed"] for r in first) == 20
+    held = int(metric_value(httpx.get(us.url + "/metrics").text,
+                            "regionlimit_lease_units_held"))
+    assert held >= 1
+    cluster.nats.kill()  # us (and everyone) cut off from central
+    with httpx.Client(timeout=30.0) as client:
+        cut_off = [check(client, us.url, "split", "acct") for _ in range(held + 3)]
+    assert sum(r["allowed"] for r in cut_off) == held
+    assert [r["source"] for r in cut_off[held:]] == ["fallback"] * 3
+    cluster.nats.start()
+    # After the partition heals the rest of the budget is spendable from another region.
+    # (Checks fall back, denied, until the links are back.)
+    rest = 0
+    with httpx.Client(timeout=30.0) as client:
+        def spent_rest() -> bool:
+            nonlocal rest
+            rest += check(client, eu.url, "split", "acct")["allowed"]
+            return 20 + held + rest == 100
+        wait_until(spent_rest, timeout=60, what="the rest of the budget from eu")
+        assert drain([eu, us], "split", "acct") == 0
+    wait_until(lambda: cluster.billed("split")[0] == 100, timeout=30, what="billed")
