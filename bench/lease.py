@@ -10,7 +10,8 @@ that leaf. So a consistent check from ap waits >= 180 ms for the authority, a le
 from ap as long, and fast-mode usage from ap reaches the others 90 ms + later.
 
 For each mode (fast, consistent, lease), each limit, each load shape, a fresh key in an
-inline fixed-window namespace (1 h, on_unavailable closed, timeout 2 s) gets 1.2 x limit
+inline fixed-window namespace (a calendar month, on_unavailable closed, timeout 2 s; the
+script refuses to start within 10 minutes of a month's end) gets 1.2 x limit
 of cost in single checks, open loop (cost 1 per check, or limit / 1000 for limits above
 1,000, so that a run stays within what one shared machine can generate):
 - even: a third per region; skewed: 80% from eu, 10% each from us and ap;
@@ -183,7 +184,9 @@ async def drive(system: WanSystem, mode: str, limit: int, spread: str, pattern: 
     namespace = f"{mode}-{limit}-{spread}-{pattern}"
     body = orjson.dumps({"namespace": namespace, "identifier": "bench-key", "limit": limit,
                          "cost": cost,
-                         "duration": "1h", "algorithm": "fixed_window", "mode": mode,
+                         # A calendar month: no window boundary falls inside a run (an
+                         # hour's boundary would hand a run a second budget).
+                         "duration": "month", "algorithm": "fixed_window", "mode": mode,
                          "timeout": "2s", "on_unavailable": "closed"})
     pools = {region: RawPool(url + "/v1/check") for region, url in system.node_urls.items()}
     results: list[dict[str, Any]] = []
@@ -269,6 +272,9 @@ def main() -> None:
     shapes = ([(s, p) for s in ("even", "skewed") for p in ("steady", "bursty")]
               if args.shapes == "all" else [("even", "steady"), ("skewed", "bursty")])
     rng = random.Random(args.seed)
+    now = time.time()
+    if time.gmtime(now + 600).tm_mon != time.gmtime(now).tm_mon:
+        raise SystemExit("a month ends within 10 minutes: run it after the boundary")
     print(machine())
     print(f"one-way delays to the hub (ms): {delays}")
     runs: list[Run] = []
