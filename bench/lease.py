@@ -246,7 +246,7 @@ def plot(runs: list[Run], path: Path) -> None:
         latency.bar(xs, [by[k].p99_ms if k in by else 0 for k in labels], width, label=mode)
     for axis, title in ((over, "over-admission (% of limit)"),
                         (latency, "p99 check latency at the client (ms)")):
-        axis.set_xticks(range(len(labels)), labels, fontsize=7)
+        axis.set_xticks(range(len(labels)), labels, fontsize=7, rotation=60)
         axis.set_title(title)
         axis.legend()
     latency.set_yscale("log")
