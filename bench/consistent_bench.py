@@ -81,7 +81,7 @@ from bench._cluster import (
     metrics,
     percentile,
 )
-from central.consistent_tx import decisions_for
+from central.consistent.tx import decisions_for
 from central.database import make_engine
 from sync.clock import wall_clock_ms
 from sync.messages import ConsistentRequest

@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from region_node.client import AsyncRegionLimitClient
-from region_node.middleware import RateLimitMiddleware
+from regionlimit_client.client import AsyncRegionLimitClient
+from regionlimit_client.middleware import RateLimitMiddleware
 from tests.support.processes import region_node
 
 ROUNDS = 10

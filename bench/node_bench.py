@@ -9,7 +9,8 @@
    hashing, and the full Checker.check on a decoded dict.
 2. HTTP single checks at fixed concurrency against a real `regionlimit node` and against
    a raw-ASGI constant-JSON endpoint under the same uvicorn settings
-   (region_node.server.uvicorn_config: uvloop + httptools, one process, access log on):
+   (region_node.server.uvicorn_config: uvloop + httptools, one process, access log off as
+   is the node's default; REGIONLIMIT_ACCESS_LOG=true turns it on for both):
    req/s, the node/raw ratio, p50/p99 latency.
 3. Batch throughput over HTTP (1000 checks per request, JSON in and out).
 4. Memory per active key with 1M keys in a CounterStore (tracemalloc and RSS delta).
@@ -172,7 +173,10 @@ def bench_inproc(n: int, profile: bool) -> dict[str, dict[str, float]]:
 RAW_SERVER = """
 import sys
 import uvicorn
-from sync.serving import uvicorn_config
+from region_node.settings import NodeSettings
+from sync.http.serving import uvicorn_config
+
+ACCESS_LOG = NodeSettings().access_log  # the same as the node under test
 
 BODY = (b'{"allowed":true,"limit":1000000000,"remaining":999999999,'
         b'"reset_at":1800000000000,"retry_after_ms":null,"mode":"fast","source":"local"}')
@@ -198,7 +202,7 @@ async def app(scope, receive, send):
 
 
 uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=int(sys.argv[1]),
-                              log_level="info")).run()
+                              log_level="info", access_log=ACCESS_LOG)).run()
 """
 
 
@@ -442,7 +446,7 @@ def profile_http(tool: str, seconds: int) -> None:
     import uvicorn
 
     from region_node.app import build_app
-    from sync.serving import uvicorn_config
+    from sync.http.serving import uvicorn_config
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.toml"
@@ -450,7 +454,7 @@ def profile_http(tool: str, seconds: int) -> None:
         node = RegionNode(NodeSettings(region="bench", config=config), secret=TEST_SECRET)
         port = free_port()
         server = uvicorn.Server(uvicorn_config(build_app(node), host="127.0.0.1", port=port,
-                                               log_level="info"))
+                                               log_level="info", access_log=False))
         url = f"http://127.0.0.1:{port}"
         body = batch_body()
         stats: dict[str, cProfile.Profile] = {}

@@ -22,9 +22,10 @@ lag for the bound. The design's own worst case, flush interval + tick interval (
 plus transit, is shown too. The nodes' `regionlimit_sync_lag_seconds` during the runs (all
 three nodes, under the load) is printed per rate; its tail is inflated once the key is
 denied, because a total whose only change is denied cost carries the as_of of the last
-admission (see the README, "Benchmarks").
+admission (see docs/modes-and-accuracy.md).
 
-The plot goes to docs/over_admission.png, the figures to bench/out/over_admission.json.
+The plot goes to bench/out/over_admission.png, the figures to bench/out/over_admission.json
+(bench/out/ is git-ignored: a run never overwrites the dated record in bench/results/).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ RUN_S = 3.0
 BATCH_EVERY_S = 0.010
 NODES = 3
 WORST_LAG_MS = 200.0  # flush interval + tick interval (defaults), transit left out
-PLOT = Path(__file__).resolve().parent.parent / "docs" / "over_admission.png"
+PLOT = Path(__file__).resolve().parent / "out" / "over_admission.png"
 
 
 def one_run(system: BenchCluster, rate: float) -> dict[str, Any]:

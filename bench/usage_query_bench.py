@@ -19,7 +19,7 @@ itself rolls up only every 100 days in this run, so the levels stay as set up):
   key), streamed; time to the last byte and rows received, `--exports` times.
 
 Targets (issue): one-key p99 <= 50 ms; 100k-row export <= 5 s. Figures go to
-bench/out/usage_query.json, the plot to docs/usage_query.png. About 5 minutes, plus
+bench/out/usage_query.json, the plot to bench/out/usage_query.png. About 5 minutes, plus
 ~25 minutes for the rollup of the month's 10 million rows (skip it: --no-rollup).
 """
 
@@ -45,9 +45,9 @@ from bench._cluster import (
     machine,
     percentile,
 )
+from central.billing.rollups import RollupJob
+from central.billing.usage_query import DAY_MS, parse_time
 from central.database import make_engine
-from central.rollups import RollupJob
-from central.usage_query import DAY_MS, parse_time
 from tests.support.processes import TEST_ADMIN_TOKEN
 
 MONTH_FROM, MONTH_TO = "2026-10-01", "2026-11-01"
@@ -56,7 +56,7 @@ REGIONS = ("eu", "us", "ap")
 TARGET_P99_MS = 50.0
 TARGET_EXPORT_S = 5.0
 AUTH = {"authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-PLOT = Path(__file__).resolve().parent.parent / "docs" / "usage_query.png"
+PLOT = Path(__file__).resolve().parent / "out" / "usage_query.png"
 
 # Row i of key k: region i % 3, hour (k + i) * 7 mod 744 - distinct for i < 744, since 7 and
 # 744 are coprime - so (key, region, hour) is unique, as in the real table. Inserted hour by

@@ -9,12 +9,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from central.admin_api import admin_router
 from central.auth import AdminAuth
+from central.billing.usage_api import usage_router
+from central.config.admin_api import admin_router
 from central.json_bodies import JsonBodies
 from central.service import CentralService
-from central.usage_api import usage_router
-from sync.http_errors import install_error_handlers
+from sync.http.errors import install_error_handlers
 
 
 def build_central_app(service: CentralService) -> FastAPI:

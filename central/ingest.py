@@ -15,10 +15,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from central.billing.rollups import RollupJob
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.rollups import RollupJob
 from central.totals import GlobalTotals
 from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion
@@ -31,7 +31,7 @@ from sync.messages import (
     encode_snapshot_page,
     encode_totals,
 )
-from sync.publisher import ensure_usage_stream
+from sync.publisher import StreamLimits, ensure_usage_stream
 from sync.subjects import SNAPSHOT, TOTALS, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 
 log = logging.getLogger("regionlimit.central")
@@ -45,13 +45,15 @@ PRUNE_INTERVAL_S = 60.0
 
 
 class LeaderIngest:
-    def __init__(self, *, nc: Client, ledger: LedgerStore, totals: GlobalTotals,
-                 metrics: CentralMetrics, clock: Clock, commit_interval: float,
-                 tick_interval: float,
+    def __init__(self, *, nc: Client, js: JetStreamContext | None = None,
+                 stream_limits: StreamLimits | None = None, ledger: LedgerStore,
+                 totals: GlobalTotals, metrics: CentralMetrics, clock: Clock,
+                 commit_interval: float, tick_interval: float,
                  config: Callable[[], Awaitable[ConfigUpdate | None]],
                  rollup: RollupJob | None = None) -> None:
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = js or nc.jetstream()
+        self._stream_limits = stream_limits or StreamLimits()
         self._ledger = ledger
         self._totals = totals
         self._metrics = metrics
@@ -65,7 +67,7 @@ class LeaderIngest:
 
     async def run(self) -> None:
         """Ingest until cancelled or until a commit fails because leadership was lost."""
-        await ensure_usage_stream(self._js)
+        await ensure_usage_stream(self._js, limits=self._stream_limits, update=True)
         sub = await self._js.pull_subscribe(
             USAGE_SUBJECTS, durable=USAGE_CONSUMER, stream=USAGE_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
@@ -73,7 +75,7 @@ class LeaderIngest:
         snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
         loops = [self._consume(sub), self._commit_forever(), self._tick_forever(),
                  self._prune_forever()]
-        if self._rollup is not None:  # usage rollups and retention (central/rollups.py)
+        if self._rollup is not None:  # usage rollups and retention (central/billing/rollups.py)
             loops.append(self._rollup.run_forever(self._clock))
         try:
             async with asyncio.TaskGroup() as group:
@@ -127,6 +129,11 @@ class LeaderIngest:
                           msg.subject)
             await msg.ack()
             return
+        if batch.invalid_entries:
+            self._metrics.malformed.inc(batch.invalid_entries)
+            log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
+                        batch.invalid_entries, msg.subject, batch.invalid_reason,
+                        len(batch.entries))
         self._metrics.ingested.inc(len(batch.entries))
         for reason, count in outcome.rejected.items():
             self._metrics.rejected.labels(reason).inc(count)
@@ -149,7 +156,7 @@ class LeaderIngest:
                 return
             started = time.perf_counter()
             try:
-                await self._ledger.write(rows, increments)
+                quarantined = await self._ledger.write(rows, increments, now=self._clock())
             except Exception as exc:
                 self._totals.return_unsaved(rows, increments)
                 self._unacked = messages + self._unacked
@@ -159,6 +166,11 @@ class LeaderIngest:
                 if isinstance(exc, LeadershipLost):
                     raise
                 return
+            if quarantined:
+                # The rest of the batch committed; the refused rows wait in the table.
+                self._metrics.quarantined.inc(quarantined)
+                log.error("ledger refused %d rows; they are in usage_quarantine",
+                          quarantined)
             self._metrics.commit_seconds.observe(time.perf_counter() - started)
             self._metrics.unsaved.set(self._totals.unsaved)
             for msg in messages:

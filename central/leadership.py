@@ -8,6 +8,15 @@ its network cut) therefore fails its writes instead of committing next to the ne
 leader's; SQLAlchemy's silent reconnect after an invalidated connection cannot sneak a
 lock-less session in, because that new session would fail the check.
 
+A session survives a frozen leader (SIGSTOP, a VM pause: the kernel keeps the TCP session
+alive) and, for minutes, a partition. So the lease is also renewed: the holder polls it
+every second (check()), which Postgres records as the session's last state change. A
+standby that finds the lock held by a session idle for longer than ``stale_after``
+terminates that session (pg_terminate_backend; same database role), which frees the lock
+and fences the old leader: once resumed, its next write runs on a dead session and fails.
+On a partition, the lease session's TCP keepalives and tcp_user_timeout (set per
+session) make Postgres drop it within seconds as well.
+
 On SQLite there is nothing to coordinate with: the lease is always granted. SQLite
 therefore supports exactly one central replica; run Postgres for more.
 """
@@ -44,6 +53,29 @@ _HOLDS_LOCK = text(
 )
 
 
+# The holder's session: its lock, its backend and how long since it last did anything.
+_HOLDER = text(
+    """
+    SELECT a.pid, EXTRACT(EPOCH FROM (clock_timestamp() - a.state_change)) AS idle_s
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = :classid AND l.objid = :objid AND l.objsubid = 1
+      AND l.granted
+      AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+    """
+)
+
+
+def _keepalive_settings(stale_after: float) -> dict[str, int]:
+    """Per-session TCP settings: Postgres drops a lease session whose peer vanished
+    (partition, dead host) after about ``stale_after`` seconds instead of hours."""
+    idle = max(1, int(stale_after / 2))
+    return {"tcp_keepalives_idle": idle, "tcp_keepalives_interval": 1,
+            "tcp_keepalives_count": max(1, int(stale_after) - idle),
+            "tcp_user_timeout": int(stale_after * 1000)}
+
+
 class LeadershipLost(RuntimeError):
     """The lease is not (or no longer) held; the caller must stop acting as leader."""
 
@@ -61,10 +93,12 @@ class LeaderLease:
         *,
         key: int = LEADER_LOCK_KEY,
         check_timeout: float = 5.0,
+        stale_after: float = 10.0,
     ) -> None:
         self._engine = engine
         self._key = key
         self._check_timeout = check_timeout
+        self._stale_after = stale_after
         self._exclusive = engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
         # The asyncpg connection under ``_connection``, to close its socket without
@@ -104,10 +138,15 @@ class LeaderLease:
             connection = await self._engine.connect()
             try:
                 async with connection.begin():
-                    result = await connection.execute(
-                        text("SELECT pg_try_advisory_lock(:key)"), {"key": self._key}
-                    )
-                    got = bool(result.scalar_one())
+                    got = await self._try_lock(connection)
+                    if not got and await self._depose_stale_holder(connection):
+                        got = await self._try_lock(connection)
+                    if got:
+                        for name, value in _keepalive_settings(self._stale_after).items():
+                            # set_config(..., false): for the session, not the transaction
+                            await connection.execute(
+                                text("SELECT set_config(:name, :value, false)"),
+                                {"name": name, "value": str(value)})
                 if got:
                     raw = await connection.get_raw_connection()
             except BaseException:
@@ -224,6 +263,26 @@ class LeaderLease:
                 return
             await connection.close()
             log.info("leader lease released")
+
+    async def _try_lock(self, connection: AsyncConnection) -> bool:
+        result = await connection.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": self._key})
+        return bool(result.scalar_one())
+
+    async def _depose_stale_holder(self, connection: AsyncConnection) -> bool:
+        """Terminate the holder's session if it has not renewed the lease (any statement)
+        for ``stale_after`` seconds; True when it is gone and the lock can be taken."""
+        result = await connection.execute(
+            _HOLDER,
+            {"classid": (self._key >> 32) & 0xFFFFFFFF, "objid": self._key & 0xFFFFFFFF})
+        holder = result.first()
+        if holder is None or float(holder.idle_s) < self._stale_after:
+            return False
+        log.warning("leader lease: holder session %d silent for %.1fs; terminating it",
+                    holder.pid, float(holder.idle_s))
+        await connection.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                 {"pid": int(holder.pid)})
+        return True  # the lock is freed as the backend exits: soon, not necessarily yet
 
     async def _holds_lock(self, connection: AsyncConnection) -> bool:
         # pg_locks shows a bigint advisory key as classid = high 32 bits, objid = low

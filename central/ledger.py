@@ -8,58 +8,22 @@ maximum, so they inherit the same idempotency.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import ColumnElement, Insert, and_, case, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from central.consistent_state import idle_keys_delete
+from central.consistent.state import idle_keys_delete
 from central.leadership import LeaderLease
-from central.models import components, usage_hourly
-
-
-@dataclass(frozen=True, slots=True)
-class ComponentRow:
-    """One node's cumulative counts for one key-window, with the policy it enforced."""
-
-    namespace: str
-    key_hash: str
-    window_start: int
-    node_id: str
-    region: str
-    window_end: int
-    admitted: int
-    denied: int
-    limit: int
-    duration: str
-    algorithm: str
-    burst: int | None
-    updated_at: int
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        return (self.namespace, self.key_hash, self.window_start, self.node_id)
-
-
-@dataclass(frozen=True, slots=True)
-class BucketIncrement:
-    """Cost to add to one key's usage in one region and UTC hour (epoch ms)."""
-
-    namespace: str
-    key_hash: str
-    region: str
-    hour_start: int
-    admitted: int
-    denied: int
-
-    @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.namespace, self.key_hash, self.region, self.hour_start)
-
+from central.ledger_rows import BucketIncrement as BucketIncrement
+from central.ledger_rows import ComponentRow as ComponentRow  # re-exported: rows are pure
+from central.models import components, usage_hourly, usage_quarantine
 
 _COMPONENT_FIELDS = tuple(f.name for f in fields(ComponentRow))
 _COMPONENT_KEY = ("namespace", "key_hash", "window_start", "node_id")
@@ -99,20 +63,47 @@ class LedgerStore:
         self._add_buckets = _bucket_upsert(dialect)
 
     async def write(
-        self, components: Sequence[ComponentRow], increments: Sequence[BucketIncrement]
-    ) -> None:
-        """Merge ``components`` and add ``increments`` in one transaction: all or nothing."""
+        self,
+        components: Sequence[ComponentRow],
+        increments: Sequence[BucketIncrement],
+        *,
+        now: int = 0,
+    ) -> int:
+        """Merge ``components`` and add ``increments`` in one transaction.
+
+        A row the database refuses (a value it cannot hold, a violated constraint) must
+        not block the rest: the write is redone in one transaction that isolates such
+        rows (savepoints, halving the batch) into ``usage_quarantine``, stamped ``now``,
+        and commits everything else. Returns how many rows were quarantined. Any other
+        failure (connection, lease) raises and writes nothing.
+        """
         component_rows = [_component_params(row) for row in merge_components(components)]
         bucket_rows = [_bucket_params(inc) for inc in sum_increments(increments)]
         if not component_rows and not bucket_rows:
-            return
+            return 0
+        try:
+            async with self._write_transaction() as connection:
+                # One executemany per table: asyncpg pipelines the rows of one prepared
+                # statement, and sqlite3 loops in C.
+                if component_rows:
+                    await connection.execute(self._upsert_components, component_rows)
+                if bucket_rows:
+                    await connection.execute(self._add_buckets, bucket_rows)
+            return 0
+        except Exception as exc:
+            if not refused_row(exc):
+                raise
         async with self._write_transaction() as connection:
-            # One executemany per table: asyncpg pipelines the rows of one prepared
-            # statement, and sqlite3 loops in C.
-            if component_rows:
-                await connection.execute(self._upsert_components, component_rows)
-            if bucket_rows:
-                await connection.execute(self._add_buckets, bucket_rows)
+            refused = await _isolate(connection, self._upsert_components, component_rows)
+            refused_buckets = await _isolate(connection, self._add_buckets, bucket_rows)
+            quarantine = [
+                _quarantine_params(table, row, reason, now)
+                for table, found in (("components", refused), ("usage_hourly", refused_buckets))
+                for row, reason in found
+            ]
+            if quarantine:
+                await connection.execute(usage_quarantine.insert(), quarantine)
+        return len(quarantine)
 
     async def load_components(self, *, window_end_after: int) -> list[ComponentRow]:
         """Components of windows ending after ``window_end_after``: a new leader's state."""
@@ -123,6 +114,19 @@ class LedgerStore:
             result = await connection.execute(query)
             return [ComponentRow(**row._asdict()) for row in result]
 
+    async def stream_components(
+        self, *, window_end_after: int, chunk: int = 2000
+    ) -> AsyncIterator[list[ComponentRow]]:
+        """``load_components`` in chunks from a server-side cursor, so a caller can let
+        other work run between chunks (a new leader must keep answering checks)."""
+        query = select(*(components.c[name] for name in _COMPONENT_FIELDS)).where(
+            components.c.window_end > window_end_after
+        )
+        async with self._engine.connect() as connection:
+            result = await connection.stream(query.execution_options(yield_per=chunk))
+            async for rows in result.partitions(chunk):
+                yield [ComponentRow(**row._asdict()) for row in rows]
+
     async def prune_components(self, *, window_end_before: int) -> int:
         """Delete components of windows that ended before ``window_end_before``."""
         async with self._write_transaction() as connection:
@@ -132,7 +136,7 @@ class LedgerStore:
             return int(result.rowcount)
 
     async def prune_consistent_keys(self, *, now: int, updated_before: int) -> int:
-        """Delete consistent-mode keys gone idle (central/consistent_state.py)."""
+        """Delete consistent-mode keys gone idle (central/consistent/state.py)."""
         async with self._write_transaction() as connection:
             result = await connection.execute(
                 idle_keys_delete(now=now, updated_before=updated_before))
@@ -172,6 +176,55 @@ class LedgerStore:
         else:
             async with self._engine.begin() as connection:
                 yield connection
+
+
+def refused_row(exc: BaseException) -> bool:
+    """True when the database (or its driver) refused a value in a row, rather than the
+    connection, the lease or the statement failing: SQLSTATE class 22 (data exception)
+    or 23 (integrity), or sqlite3's OverflowError for an int beyond 64 bits."""
+    if isinstance(exc, IntegrityError | OverflowError):
+        return True
+    if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        return isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")
+    return False
+
+
+async def _isolate(
+    connection: AsyncConnection, statement: Insert, rows: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], str]]:
+    """Execute ``rows`` under savepoints, halving the batch around refused rows; returns
+    the refused rows with the reason. Everything else is written (not yet committed)."""
+    if not rows:
+        return []
+    try:
+        async with connection.begin_nested():
+            await connection.execute(statement, rows)
+        return []
+    except Exception as exc:
+        if not refused_row(exc):
+            raise
+        if len(rows) == 1:
+            return [(rows[0], _reason(exc))]
+    middle = len(rows) // 2
+    return [
+        *await _isolate(connection, statement, rows[:middle]),
+        *await _isolate(connection, statement, rows[middle:]),
+    ]
+
+
+def _reason(exc: BaseException) -> str:
+    # The driver's message without SQLAlchemy's statement and parameters.
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    message = str(cause).splitlines()[0] if str(cause) else ""
+    return f"{type(cause).__name__}: {message}"[:300]
+
+
+def _quarantine_params(table: str, row: dict[str, Any], reason: str, now: int
+                       ) -> dict[str, Any]:
+    # ASCII JSON: a NUL the database refused in a text column is stored escaped.
+    return {"quarantined_at": now, "table_name": table, "reason": reason,
+            "row": json.dumps(row, ensure_ascii=True, sort_keys=True, default=str)}
 
 
 def merge_components(rows: Iterable[ComponentRow]) -> list[ComponentRow]:

@@ -42,6 +42,9 @@ class CentralMetrics:
                                         "Ledger commit latency", registry=r)
         self.commit_failures = Counter("regionlimit_commit_failures", "Failed ledger commits",
                                        registry=r)
+        self.quarantined = Counter("regionlimit_ledger_quarantined",
+                                   "Ledger rows the database refused, set aside in "
+                                   "usage_quarantine", registry=r)
         self.unsaved = Gauge("regionlimit_unsaved_rows", "Rows awaiting commit", registry=r)
         self.consistent_decisions = Counter("regionlimit_consistent_decisions",
                                             "Consistent checks decided", registry=r)

@@ -66,7 +66,7 @@ class Component(Base):
 
 
 # A usage row is "pending" while part of its count has not been folded into the next
-# coarser level yet (see central/rollups.py). The same text serves the partial indexes and
+# coarser level yet (see central/billing/rollups.py). The same text serves the partial indexes and
 # the queries, so that Postgres can prove a query's WHERE implies the index predicate.
 PENDING_SQL = "admitted <> rolled_admitted OR denied <> rolled_denied"
 
@@ -204,10 +204,27 @@ class ConfigState(Base):
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
 
+class QuarantinedRow(Base):
+    """A ledger row the database refused, set aside so the rest of its batch commits.
+
+    ``row`` is the refused row as ASCII JSON (a NUL the database refused is escaped, so
+    it can be stored here); ``reason`` is the database's error class and message.
+    """
+
+    __tablename__ = "usage_quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    quarantined_at: Mapped[int] = mapped_column(BigInteger)
+    table_name: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    row: Mapped[str] = mapped_column(Text)
+
+
 # Core tables, for bulk statements (upserts) that bypass the ORM unit of work.
 components = cast(Table, Component.__table__)
 usage_hourly = cast(Table, UsageHourly.__table__)
 usage_daily = cast(Table, UsageDaily.__table__)
+usage_quarantine = cast(Table, QuarantinedRow.__table__)
 usage_monthly = cast(Table, UsageMonthly.__table__)
 usage_retention = cast(Table, UsageRetention.__table__)
 namespaces = cast(Table, Namespace.__table__)

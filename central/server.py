@@ -9,7 +9,7 @@ import uvicorn
 from central.app import build_central_app
 from central.service import CentralService
 from central.settings import CentralSettings
-from sync.serving import uvicorn_config
+from sync.http.serving import uvicorn_config
 
 log = logging.getLogger("regionlimit.central")
 

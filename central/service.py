@@ -11,16 +11,17 @@ from typing import Any
 
 from sqlalchemy import text
 
-from central.authority import Authority
-from central.config_store import ConfigStore
+from central.billing.rollups import RollupJob
+from central.config.store import ConfigStore
+from central.consistent.authority import Authority
 from central.database import make_engine
 from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
-from central.lease_authority import LeaseAuthority
-from central.lease_tx import LeaseTransactions
+from central.lease.authority import LeaseAuthority
+from central.lease.tx import LeaseTransactions
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.rollups import RollupJob
+from central.migrate import schema_status
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
 from sync.clock import Clock, wall_clock_ms
@@ -46,7 +47,9 @@ class CentralService:
         self.hasher = IdentifierHasher(settings.identifier_secret.get_secret_value())
         self.replica_id = f"central.{socket.gethostname().split('.')[0]}.{secrets.token_hex(4)}"
         self.engine = make_engine(database_url)
-        self.lease = LeaderLease(self.engine)
+        lease_timeout = settings.seconds("lease_timeout")
+        self.lease = LeaderLease(self.engine, stale_after=lease_timeout,
+                                 check_timeout=min(5.0, lease_timeout / 2))
         self.ledger = LedgerStore(self.engine, lease=self.lease)
         self.config = ConfigStore(self.engine, clock=clock)
         self.totals: GlobalTotals | None = None
@@ -60,7 +63,8 @@ class CentralService:
             reclaim_after_ms=0 if reclaim == "0" else setting_ms(reclaim)),
             metrics=self.metrics, lanes=4 if self.engine.dialect.name == "postgresql" else 1)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
-                                         tls_ca=settings.nats_tls_ca, name=self.replica_id))
+                                         tls_ca=settings.nats_tls_ca, name=self.replica_id,
+                                         js_domain=settings.js_domain))
         self.is_leader = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -142,17 +146,50 @@ class CentralService:
             await asyncio.sleep(LEASE_POLL_S)
 
     async def _lead(self) -> None:
-        """One leadership term: rebuild state from the ledger, ingest until the lease is
-        lost. JetStream redelivers whatever the previous leader had not committed."""
+        """One leadership term, renewing the lease every LEASE_POLL_S from its very start
+        (the ledger load included: a standby deposes a lease session that stays silent
+        for the lease timeout) until the term ends or the lease is lost."""
+        term = asyncio.create_task(self._term(), name="leadership-term")
+        try:
+            while not term.done():
+                await asyncio.wait([term], timeout=LEASE_POLL_S)
+                if not term.done() and not await self.lease.check():
+                    log.error("leader lease lost; stepping down")
+                    break
+        finally:
+            # No longer the leader from this moment (writes are fenced anyway), however
+            # long the term's tasks take to unwind.
+            self.is_leader = False
+            self.metrics.leader.set(0)
+            term.cancel()
+            while not term.done():
+                await asyncio.wait([term], timeout=STOP_STEP_S)
+                if not term.done():
+                    log.warning("leadership term still unwinding after lease loss: %s",
+                                term.get_stack(limit=3))
+            with contextlib.suppress(asyncio.CancelledError):
+                await term
+        if not term.cancelled():
+            term.result()  # an error that ended the term
+
+    async def _term(self) -> None:
+        """Rebuild state from the ledger, then ingest. JetStream redelivers whatever the
+        previous leader had not committed."""
         now = self.clock()
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
                               over_admission=self.over_admission)
-        totals.load(await self.ledger.load_components(
-            window_end_after=now - totals.retention_ms))
+        # In chunks, yielding between them: this loop also answers consistent checks,
+        # and one pass over every key-window stalled them past their timeout (issue 10).
+        async for rows in self.ledger.stream_components(
+                window_end_after=now - totals.retention_ms):
+            totals.load_more(rows)
+            await asyncio.sleep(0)
         self.totals = totals
         assert self.link.nc is not None
         ingest = LeaderIngest(
-            nc=self.link.nc, ledger=self.ledger, totals=totals, metrics=self.metrics,
+            nc=self.link.nc, js=self.link.jetstream(),
+            stream_limits=self.settings.stream_limits, ledger=self.ledger, totals=totals,
+            metrics=self.metrics,
             clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
             tick_interval=self.settings.seconds("tick_interval"), config=self.current_config,
             rollup=RollupJob.from_settings(self.engine, self.settings))
@@ -160,25 +197,18 @@ class CentralService:
         self.metrics.leader.set(1)
         log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,
                  len(totals.windows))
-        task = asyncio.create_task(ingest.run(), name="ingest")
-        try:
-            while not task.done():
-                await asyncio.wait([task], timeout=LEASE_POLL_S)
-                if not task.done() and not await self.lease.check():
-                    log.error("leader lease lost; stepping down")
-                    break
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await ingest.run()
 
     async def readiness(self) -> dict[str, Any]:
-        database = "ok"
+        database, schema, schema_ready = "ok", "ok", False
         try:
             async with asyncio.timeout(2.0), self.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
+                status = await schema_status(connection)
+                schema, schema_ready = status.detail, status.ready
         except Exception as exc:
-            database = f"unavailable ({type(exc).__name__})"
+            database = schema = f"unavailable ({type(exc).__name__})"
         nats = "ok" if self.link.is_connected else "disconnected"
-        return {"ready": database == "ok" and nats == "ok", "database": database,
-                "nats": nats, "leader": self.is_leader, "replica": self.replica_id}
+        return {"ready": database == "ok" and schema_ready and nats == "ok",
+                "database": database, "schema": schema, "nats": nats,
+                "leader": self.is_leader, "replica": self.replica_id}

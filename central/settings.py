@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sync.durations import check_interval, setting_ms
+from sync.publisher import DEFAULT_STREAM_MAX_BYTES, StreamLimits
 
 
 class CentralSettings(BaseSettings):
@@ -19,25 +20,46 @@ class CentralSettings(BaseSettings):
     nats_url: str | None = None
     nats_creds: Path | None = None
     nats_tls_ca: Path | None = None
+    # JetStream domain of the hub (deploy/nats/hub.conf declares it); required where the
+    # process connects through a leaf node, harmless on the hub itself.
+    js_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # The usage stream: replicas must not exceed the hub's JetStream servers (1 for one
+    # server, 3 for the shipped 3-server hub); bytes bound its storage.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_bytes: int = Field(default=DEFAULT_STREAM_MAX_BYTES, ge=1 << 20)
     identifier_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
     tick_interval: str = "100ms"
     commit_interval: str = "1s"
     retention: str = "7d"
-    # Usage rollups (central/rollups.py): hour-level detail is kept this long, day-level
+    # Usage rollups (central/billing/rollups.py): hour-level detail is kept this long, day-level
     # detail that long; monthly totals forever. Whole days / months are pruned at once.
     hourly_retention: str = "35d"
     daily_retention: str = "400d"
     rollup_interval: str = "10m"
+    # A leader whose lease session stays silent this long (frozen, partitioned) is
+    # deposed by a standby; the leader renews it every second.
+    lease_timeout: str = "10s"
     log_level: str = "info"
-    # Lease mode (central/lease_authority.py): how long a node may spend a slice from the
-    # moment it asked, and how long after that the authority waits before taking back
-    # what an unheard-from node did not report using ("0" = never take it back).
+    # Lease mode (central/lease/; not the leader lease above): how long a node may spend a
+    # slice from the moment it asked, and how long after that the authority waits before
+    # taking back what an unheard-from node did not report using ("0" = never take it back).
     lease_ttl: str = "10s"
     lease_reclaim_after: str = "30s"
 
+    @property
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
+
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval", "lease_ttl")(check_interval)
+                                 "rollup_interval", "lease_timeout", "lease_ttl")(check_interval)
+
+    @field_validator("lease_timeout")
+    @classmethod
+    def _lease_timeout_range(cls, value: str) -> str:
+        if not 3_000 <= setting_ms(value) <= 300_000:
+            raise ValueError("the lease timeout must be between 3s and 5m")
+        return value
 
     @field_validator("lease_reclaim_after")
     @classmethod

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from central.ledger import BucketIncrement, ComponentRow
+from central.ledger_rows import BucketIncrement, ComponentRow
+from sync.algorithms import ALGORITHMS
 from sync.messages import KeyTotal, UsageBatch
 from sync.policy import Policy, build_policy
 from sync.windows import hour_start, window_bounds, window_end
 
-BLOCKING_ALGORITHMS = ("fixed_window", "sliding_window")
 FUTURE_TOLERANCE_MS = 3_600_000  # clock skew we accept on a window start
 WindowKey = tuple[str, str, int]  # namespace, key hash, window start
 MAX_NAMESPACE_LABELS = 100
@@ -40,7 +40,7 @@ class KeyWindow:
 
     @property
     def blocked_until(self) -> int:
-        if self.policy.algorithm in BLOCKING_ALGORITHMS and self.total >= self.policy.limit:
+        if ALGORITHMS[self.policy.algorithm].blocks and self.total >= self.policy.limit:
             return self.window_end
         return 0
 
@@ -117,7 +117,7 @@ class GlobalTotals:
         return outcome
 
     def _measure_over_admission(self, namespace: str, window: KeyWindow) -> None:
-        if window.policy.algorithm not in BLOCKING_ALGORITHMS:
+        if not ALGORITHMS[window.policy.algorithm].blocks:
             return  # a token bucket may legitimately exceed limit per window (burst)
         over = max(0, window.total - window.policy.limit)
         if over > window.over:
@@ -151,9 +151,8 @@ class GlobalTotals:
         """Key-windows that can still affect a decision (sliding: one window longer)."""
         live = []
         for key, window in self.windows.items():
-            horizon = window.window_end
-            if window.policy.algorithm == "sliding_window":
-                horizon += window.policy.duration.ms
+            past_windows = ALGORITHMS[window.policy.algorithm].past_windows
+            horizon = window.window_end + past_windows * window.policy.duration.ms
             if horizon > now:
                 live.append(key)
         live.sort()
@@ -200,6 +199,10 @@ class GlobalTotals:
     def load(self, rows: Iterable[ComponentRow]) -> None:
         """Rebuild from the ledger (a new leader); replaces the in-memory state."""
         self.windows.clear()
+        self.load_more(rows)
+
+    def load_more(self, rows: Iterable[ComponentRow]) -> None:
+        """Add one more chunk of a rebuild from the ledger (rows of distinct components)."""
         for row in rows:
             policy = build_policy(limit=row.limit, duration=row.duration,
                                   algorithm=row.algorithm, burst=row.burst)

@@ -15,7 +15,7 @@ import os
 from fastapi import FastAPI
 from starlette.types import Scope
 
-from region_node.middleware import RateLimitMiddleware
+from regionlimit_client.middleware import RateLimitMiddleware
 
 API_KEYS = {"sk_demo_alice": "alice", "sk_demo_bob": "bob"}  # your key store
 

@@ -20,7 +20,7 @@ from region_node.schemas import (
     Readiness,
 )
 from sync.api_errors import ApiError, ErrorBody
-from sync.http_errors import error_response, install_error_handlers
+from sync.http.errors import error_response, install_error_handlers
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422)}

@@ -10,17 +10,17 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from region_node.check_result import CheckResult
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
-from region_node.policies import INLINE_LABEL, InlineFields, PolicyResolver
-from sync.api_errors import ApiError, UnknownNamespace, from_invalid_field
+from region_node.policies import InlineFields, PolicyResolver
+from sync.api_errors import ApiError, from_invalid_field
 from sync.clock import Clock, wall_clock_ms
 from sync.errors import InvalidField
-from sync.identifiers import IdentifierHasher
+from sync.identifiers import IDENTIFIER_RULE, IdentifierHasher, is_identifier
 from sync.policy import NAMESPACE, Policy
 
-Result = dict[str, Any]
-MAX_IDENTIFIER_BYTES = 256
+Result = CheckResult  # the name the HTTP layer and consistent mode use
 _VALID_CACHE_MAX = 10_000  # names that passed validation (bounded: inline names are free)
 INLINE_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
                  "timeout")
@@ -62,7 +62,7 @@ class Checker:
         """Decide a fast-mode check at once; a consistent one returns an awaitable."""
         started = time.perf_counter()
         outcome = self._decide(body, self.clock())
-        if isinstance(outcome, dict):
+        if outcome.__class__ is CheckResult:
             self._metrics.latency.observe(time.perf_counter() - started)
         return outcome
 
@@ -91,27 +91,21 @@ class Checker:
         if type(namespace) is not str or namespace not in self._valid_namespaces:
             namespace = self._validate_namespace(namespace)
         identifier = body.get("identifier")
-        if identifier.__class__ is not str or not identifier or (
-                len(identifier) > MAX_IDENTIFIER_BYTES // 4
-                and len(identifier.encode()) > MAX_IDENTIFIER_BYTES):
-            raise _field_error("identifier", "identifier must be a string of 1..256 bytes")
+        if not is_identifier(identifier):
+            raise _field_error("identifier", IDENTIFIER_RULE)
         cost = body.get("cost", 1)
         if cost.__class__ is not int or cost < 0:
             raise _field_error("cost", "cost must be a non-negative integer")
         key_hash = self._hash(identifier)
-        config = self.resolver.configured(namespace)
-        if config is not None:
-            policy = config.overrides.get(key_hash, config.policy)
-            label = namespace
-        elif "limit" in body or "duration" in body:
-            try:
-                fields: InlineFields = tuple(map(body.get, INLINE_FIELDS))  # type: ignore[assignment]
-                policy = self.resolver.inline(namespace, fields)
-            except InvalidField as exc:
-                raise from_invalid_field(exc) from None
-            label = INLINE_LABEL
-        else:
-            raise UnknownNamespace(namespace)
+        inline: InlineFields | None = None
+        if "limit" in body or "duration" in body:
+            inline = tuple(map(body.get, INLINE_FIELDS))  # type: ignore[assignment]
+        try:
+            # The precedence (configuration, then override, then inline) is the resolver's.
+            policy = self.resolver.resolve(namespace, key_hash, inline)
+        except InvalidField as exc:
+            raise from_invalid_field(exc) from None
+        label = self.resolver.label(namespace)
         if cost > policy.capacity:
             raise _field_error("cost", f"cost must be 0..{policy.capacity}")
         if policy.mode == "consistent" and self.authority is not None:
@@ -120,10 +114,8 @@ class Checker:
             return self.leases.check(namespace, key_hash, policy, cost, label)
         decision = self.store.check(namespace, key_hash, policy, cost, now)
         self._metrics.count_check(label, decision.allowed, "local")
-        return {"allowed": decision.allowed, "limit": policy.limit,
-                "remaining": decision.remaining, "reset_at": decision.reset_at,
-                "retry_after_ms": decision.retry_after_ms, "mode": policy.mode,
-                "source": "local"}
+        return CheckResult(decision.allowed, policy.limit, decision.remaining,
+                           decision.reset_at, decision.retry_after_ms, policy.mode, "local")
 
     def _validate_namespace(self, namespace: Any) -> str:
         if type(namespace) is not str or not NAMESPACE.fullmatch(namespace):

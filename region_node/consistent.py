@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import nats.errors
 
+from region_node.check_result import CheckResult
 from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
@@ -59,10 +59,9 @@ class ConsistentClient:
         self._metrics.latency.observe(time.perf_counter() - started)
         if decision is not None:
             self._metrics.count_check(label, decision.allowed, "authority")
-            return {"allowed": decision.allowed, "limit": policy.limit,
-                    "remaining": decision.remaining, "reset_at": decision.reset_at,
-                    "retry_after_ms": decision.retry_after_ms, "mode": "consistent",
-                    "source": "authority"}
+            return CheckResult(decision.allowed, policy.limit, decision.remaining,
+                               decision.reset_at, decision.retry_after_ms, "consistent",
+                               "authority")
         return self._fallback(namespace, key_hash, policy, cost, label, reason)
 
     def _fallback(self, namespace: str, key_hash: str, policy: Policy, cost: int,
@@ -76,11 +75,8 @@ class ConsistentClient:
         self._metrics.fallbacks[label] = self._metrics.fallbacks.get(label, 0) + 1
         self._log_fallback(key_hash, label, reason, allowed)
         retry = None if allowed else policy.timeout.ms
-        result: dict[str, Any] = {
-            "allowed": allowed, "limit": policy.limit, "remaining": 0,
-            "reset_at": now + policy.timeout.ms, "retry_after_ms": retry,
-            "mode": "consistent", "source": "fallback"}
-        return result
+        return CheckResult(allowed, policy.limit, 0, now + policy.timeout.ms, retry,
+                           "consistent", "fallback")
 
     def _log_fallback(self, key_hash: str, label: str, reason: str, allowed: bool) -> None:
         self._unlogged += 1

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from sync.algorithms import ALGORITHMS
 from sync.algorithms.base import (
     CUR_DIRTY,
+    MAX_COUNT,
     PREV_DIRTY,
     Decision,
     KeyState,
@@ -74,9 +75,9 @@ class CounterStore:
         """Count usage decided elsewhere (a consistent-mode fallback) so it is published."""
         key, state = self._current(namespace, key_hash, policy, now)
         if admitted:
-            state.cur += cost
+            state.cur = min(MAX_COUNT, state.cur + cost)
         else:
-            state.cur_denied += cost
+            state.cur_denied = min(MAX_COUNT, state.cur_denied + cost)
         if cost and self._publishes:
             state.flags |= CUR_DIRTY
             self._dirty.add(key)
@@ -195,7 +196,9 @@ class CounterStore:
                 continue  # central counted under another window length
             # A sliding window weighs the previous window; a token bucket still debits
             # other nodes' usage of a window that has just ended.
-            horizon = end + (0 if policy.algorithm == "fixed_window" else duration.ms)
+            algorithm = ALGORITHMS[policy.algorithm]
+            weighs_after_end = algorithm.past_windows > 0 or algorithm.debits_remote
+            horizon = end + (duration.ms if weighs_after_end else 0)
             if horizon <= now and total.blocked_until <= now:
                 continue
             if state is None:
@@ -218,7 +221,7 @@ class CounterStore:
                 continue
             if delta > 0:
                 raised.append(total)
-                if policy.algorithm == "token_bucket":
+                if algorithm.debits_remote:
                     refill(state, policy, now)
                     state.level -= delta * duration.ms
         return raised

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
 import orjson
 
+from region_node.check_result import CheckResult
 from region_node.checker import Checker, Result
 from sync.api_errors import NOT_JSON, UNAUTHORIZED, ApiError
 
@@ -17,6 +19,13 @@ MAX_BATCH = 1000
 Headers = list[tuple[bytes, bytes]]
 Reply = tuple[int, Headers, bytes]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+# The answer to a request whose body had not arrived when the server stopped (SIGTERM:
+# uvicorn waits for requests in flight, then cancels them).
+SHUTTING_DOWN = ApiError(503, "shutting_down",
+                         "the node is stopping and the request body did not arrive in time; "
+                         "retry on another node")
+
+log = logging.getLogger("regionlimit.node")
 
 
 def _ceil_seconds(ms: int) -> int:
@@ -26,17 +35,21 @@ def _ceil_seconds(ms: int) -> int:
 def rate_limit_headers(result: Result, now: int) -> Headers:
     headers = [
         (b"content-type", b"application/json"),
-        (b"ratelimit-limit", str(result["limit"]).encode()),
-        (b"ratelimit-remaining", str(result["remaining"]).encode()),
-        (b"ratelimit-reset", str(_ceil_seconds(result["reset_at"] - now)).encode()),
+        (b"ratelimit-limit", str(result.limit).encode()),
+        (b"ratelimit-remaining", str(result.remaining).encode()),
+        (b"ratelimit-reset", str(_ceil_seconds(result.reset_at - now)).encode()),
     ]
-    if not result["allowed"] and result["retry_after_ms"] is not None:
+    if not result.allowed and result.retry_after_ms is not None:
         headers.append((b"retry-after",
-                        str(max(1, _ceil_seconds(result["retry_after_ms"]))).encode()))
+                        str(max(1, _ceil_seconds(result.retry_after_ms))).encode()))
     return headers
 
 
 def error_reply(error: ApiError) -> Reply:
+    # The access log is off by default, so a refused request is logged here: status, code,
+    # field and message, which never quote the identifier.
+    log.info("rejected request: %d %s%s: %s", error.status, error.code,
+             f" (field {error.field})" if error.field else "", error.message)
     return error.status, JSON_HEADERS, error.to_json()
 
 
@@ -53,7 +66,7 @@ class CheckEndpoints:
     async def check(self, body: bytes) -> Reply:
         try:
             outcome = self.checker.check(_decode(body))
-            result = outcome if isinstance(outcome, dict) else await outcome
+            result = outcome if isinstance(outcome, CheckResult) else await outcome
         except ApiError as exc:
             return error_reply(exc)
         return 200, rate_limit_headers(result, self.checker.clock()), orjson.dumps(result)
@@ -72,7 +85,7 @@ class CheckEndpoints:
         results: list[Any] = self.checker.check_batch(checks)
         pending: list[tuple[int, Awaitable[Result]]] = []
         for index, outcome in enumerate(results):
-            if outcome.__class__ is dict:
+            if outcome.__class__ is CheckResult:
                 continue
             if isinstance(outcome, ApiError):
                 results[index] = outcome.body()
@@ -131,6 +144,11 @@ def check_route(endpoints: CheckEndpoints, path: str) -> Any:
             await send_reply(send, error_reply(exc))
             return
         except ConnectionResetError:
+            return
+        except asyncio.CancelledError:
+            # Not re-raised: uvicorn would answer a cancelled request with a 500. The task
+            # ends here either way, which is all the cancellation asks for.
+            await send_reply(send, error_reply(SHUTTING_DOWN))
             return
         await send_reply(send, await handler(body))
 

@@ -1,7 +1,7 @@
 """Node side of lease mode: answer from this node's slice of a key's budget, no hop.
 
 A slice is the total this node may admit for a key in the current window, granted by the
-lease authority (central/lease_authority.py), and valid until a local deadline: the
+lease authority (central/lease/authority.py), and valid until a local deadline: the
 moment the node SENT the request plus the lease's time to live. The authority's own
 deadline starts when it decided, which is later, so the node always stops first.
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import nats.errors
 
+from region_node.check_result import CheckResult, Source
 from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
@@ -154,12 +155,11 @@ class LeaseClient:
         self._metrics.count_check(label, False, "local")
         return self._result(s, False, 0, now, "local")
 
-    def _result(self, s: Slice, allowed: bool, remaining: int, now: int, source: str
+    def _result(self, s: Slice, allowed: bool, remaining: int, now: int, source: Source
                 ) -> Result:
-        return {"allowed": allowed, "limit": s.policy.limit, "remaining": remaining,
-                "reset_at": s.window_end,
-                "retry_after_ms": None if allowed else max(1, s.window_end - now),
-                "mode": "lease", "source": source}
+        retry = None if allowed else max(1, s.window_end - now)
+        return CheckResult(allowed, s.policy.limit, remaining, s.window_end, retry, "lease",
+                           source)
 
     async def _wait(self, namespace: str, key_hash: str, s: Slice, cost: int, label: str
                     ) -> Result:
@@ -204,10 +204,9 @@ class LeaseClient:
         self._store.record(namespace, key_hash, s.policy, cost, allowed, now)
         self._metrics.count_check(label, allowed, "fallback")
         self._metrics.fallbacks[label] = self._metrics.fallbacks.get(label, 0) + 1
-        return {"allowed": allowed, "limit": s.policy.limit, "remaining": 0,
-                "reset_at": now + s.policy.timeout.ms,
-                "retry_after_ms": None if allowed else s.policy.timeout.ms,
-                "mode": "lease", "source": "fallback"}
+        retry = None if allowed else s.policy.timeout.ms
+        return CheckResult(allowed, s.policy.limit, 0, now + s.policy.timeout.ms, retry,
+                           "lease", "fallback")
 
     # --- requests ----------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class NodeMetrics(Collector):
         self.fallbacks: dict[str, int] = {}
         self.counters: dict[str, int] = {
             "batches_published": 0, "batches_failed": 0, "messages_malformed": 0,
-            "snapshots_loaded": 0, "spilled_entries": 0,
+            "snapshots_loaded": 0, "spilled_entries": 0, "stream_check_failures": 0,
         }
         self.gauges: dict[str, Callable[[], float]] = {}
         self.sync_state: Callable[[], str] = lambda: "standalone"

@@ -62,11 +62,13 @@ class RegionNode:
         if settings.nats_url:
             self.sync = NodeSync(
                 options=NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
-                                    tls_ca=settings.nats_tls_ca, name=self.node_id),
+                                    tls_ca=settings.nats_tls_ca, name=self.node_id,
+                                    js_domain=settings.js_domain),
                 node_id=self.node_id, region=self.region, store=self.store,
                 resolver=self.resolver, metrics=self.metrics, clock=clock,
                 flush_interval=settings.flush_interval_s,
-                snapshot_timeout=settings.snapshot_timeout_s, spill_path=settings.spill_file())
+                snapshot_timeout=settings.snapshot_timeout_s, spill_path=settings.spill_file(),
+                stream_limits=settings.stream_limits)
             self.checker.authority = ConsistentClient(
                 link=self.sync.link, node_id=self.node_id, region=self.region,
                 store=self.store, metrics=self.metrics, clock=clock)

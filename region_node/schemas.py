@@ -8,20 +8,22 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from sync.api_errors import ErrorBody
+from sync.identifiers import MAX_IDENTIFIER_BYTES
 from sync.policy import DURATION_PATTERN, NAMESPACE_PATTERN
 
 
 class CheckRequest(BaseModel):
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
-    identifier: str = Field(min_length=1, max_length=256,
-                            description="Raw identifier (1..256 bytes UTF-8); hashed on "
-                            "arrival, never stored, logged, published or returned.")
+    identifier: str = Field(min_length=1, max_length=MAX_IDENTIFIER_BYTES,
+                            description=f"Raw identifier (1..{MAX_IDENTIFIER_BYTES} bytes "
+                            "UTF-8); hashed on arrival, never stored, logged, published or "
+                            "returned.")
     cost: int = Field(default=1, ge=0, description="0..limit (0..burst for a token bucket)")
     limit: int | None = Field(default=None, ge=1, description="Inline policy: limit")
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
     algorithm: Literal["fixed_window", "sliding_window", "token_bucket"] | None = None
     burst: int | None = Field(default=None, ge=1)
-    mode: Literal["fast", "consistent"] | None = None
+    mode: Literal["fast", "consistent", "lease"] | None = None
     on_unavailable: Literal["open", "closed"] | None = None
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
 
@@ -32,7 +34,7 @@ class CheckResult(BaseModel):
     remaining: int = Field(ge=0)
     reset_at: int = Field(description="Epoch ms when the limit is fully available again")
     retry_after_ms: int | None = Field(description="null when allowed, else > 0")
-    mode: Literal["fast", "consistent"]
+    mode: Literal["fast", "consistent", "lease"]
     source: Literal["local", "authority", "fallback"]
 
 

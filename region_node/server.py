@@ -9,7 +9,7 @@ import uvicorn
 from region_node.app import build_app
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
-from sync.serving import uvicorn_config
+from sync.http.serving import uvicorn_config
 
 log = logging.getLogger("regionlimit.node")
 
@@ -17,7 +17,7 @@ log = logging.getLogger("regionlimit.node")
 def serve_node(settings: NodeSettings, *, secret: str) -> None:
     node = RegionNode(settings, secret=secret)
     config = uvicorn_config(build_app(node), host=settings.host, port=settings.port,
-                            log_level=settings.log_level)
+                            log_level=settings.log_level, access_log=settings.access_log)
     log.info("region %s node %s listening on http://%s:%d", node.region, node.node_id,
              settings.host, settings.port)
     # Server.run() builds the loop the config names (uvloop); asyncio.run() would not.

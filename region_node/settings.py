@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sync.durations import check_interval, setting_ms
+from sync.publisher import DEFAULT_STREAM_MAX_BYTES, StreamLimits
 
 REGION_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 
@@ -22,6 +23,13 @@ class NodeSettings(BaseSettings):
     nats_url: str | None = None
     nats_creds: Path | None = None
     nats_tls_ca: Path | None = None
+    # JetStream domain of the hub (deploy/nats/hub.conf declares it); required where the
+    # process connects through a leaf node, harmless on the hub itself.
+    js_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # The usage stream: replicas must not exceed the hub's JetStream servers (1 for one
+    # server, 3 for the shipped 3-server hub); bytes bound its storage.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_bytes: int = Field(default=DEFAULT_STREAM_MAX_BYTES, ge=1 << 20)
     identifier_secret: SecretStr | None = None
     node_token: SecretStr | None = None
     flush_interval: str = "100ms"
@@ -30,8 +38,15 @@ class NodeSettings(BaseSettings):
     inline_namespaces: bool = True
     max_inline_namespaces: int = Field(default=1000, ge=0)
     log_level: str = "info"
+    # One line per check costs about a third of the node's throughput and floods the log at
+    # production rates: off unless asked for. Rejected requests are logged either way.
+    access_log: bool = False
     # Lease mode: a key unchecked this long gives its unused slice back.
     lease_idle: str = "2s"
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("flush_interval", "snapshot_timeout",
                                  "lease_idle")(check_interval)

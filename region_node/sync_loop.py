@@ -17,12 +17,20 @@ from region_node.policies import NamespaceConfig, PolicyResolver
 from region_node.spill import read_spill, write_spill
 from sync.clock import Clock
 from sync.connection import NatsLink, NatsOptions
+from sync.errors import RegionLimitError
 from sync.listener import StateListener
 from sync.messages import ConfigUpdate, TotalsUpdate, UsageBatch, encode_usage
-from sync.publisher import PUBLISH_ERRORS, PublishFailed, UsagePublisher, ensure_usage_stream
+from sync.publisher import (
+    PUBLISH_ERRORS,
+    PublishFailed,
+    StreamLimits,
+    UsagePublisher,
+    ensure_usage_stream,
+)
 
 log = logging.getLogger("regionlimit.sync")
 SNAPSHOT_RETRY_S = 2.0
+STREAM_CHECK_MAX_DELAY_S = 60.0
 FINAL_FLUSH_TIMEOUT_S = 5.0
 
 
@@ -30,7 +38,7 @@ class NodeSync:
     def __init__(self, *, options: NatsOptions, node_id: str, region: str,
                  store: CounterStore, resolver: PolicyResolver, metrics: NodeMetrics,
                  clock: Clock, flush_interval: float, snapshot_timeout: float,
-                 spill_path: Path) -> None:
+                 spill_path: Path, stream_limits: StreamLimits | None = None) -> None:
         self.node_id = node_id
         self.region = region
         self._store = store
@@ -40,6 +48,7 @@ class NodeSync:
         self._flush_interval = flush_interval
         self._snapshot_timeout = snapshot_timeout
         self._spill_path = spill_path
+        self._stream_limits = stream_limits or StreamLimits()
         self.link = NatsLink(options, on_connect=self._on_connect,
                               on_disconnect=self._on_disconnect)
         self._js: JetStreamContext | None = None
@@ -48,6 +57,7 @@ class NodeSync:
         self._spilled: list[bytes] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._stream_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self.ready = asyncio.Event()
         self.snapshot_ok = False
@@ -80,7 +90,7 @@ class NodeSync:
             self.ready.set()
 
     async def stop(self) -> None:
-        for task in [*self._tasks, self._snapshot_task]:
+        for task in [*self._tasks, self._snapshot_task, self._stream_task]:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +119,7 @@ class NodeSync:
     async def _on_connect(self) -> None:
         nc = self.link.nc
         assert nc is not None
-        self._js = js = nc.jetstream()
+        self._js = js = self.link.jetstream()
         self._publisher = UsagePublisher(js, node_id=self.node_id, region=self.region)
         if self._listener is None:
             self._listener = StateListener(nc, on_totals=self._apply_totals,
@@ -118,24 +128,42 @@ class NodeSync:
             await self._listener.subscribe()
         if self._snapshot_task is None or self._snapshot_task.done():
             self._snapshot_task = asyncio.create_task(self._prepare(), name="snapshot")
+        if self._stream_task is None or self._stream_task.done():
+            self._stream_task = asyncio.create_task(self._check_stream(), name="stream")
 
     async def _on_disconnect(self) -> None:
         self.snapshot_ok = False
         self.reason = "NATS disconnected; answering from local counters"
 
     async def _prepare(self) -> None:
-        """After every (re)connect: the stream, then a snapshot, retried until central
-        answers (a missed broadcast must not leave this node stale)."""
+        """After every (re)connect: a snapshot, retried until central answers (a missed
+        broadcast must not leave this node stale). Snapshots are core NATS requests: they
+        never wait on the JetStream API (see _check_stream)."""
         while True:
             try:
-                assert self._js is not None
-                await ensure_usage_stream(self._js)
                 await self._load_snapshot()
                 return
             except (*PUBLISH_ERRORS, nats.errors.NoRespondersError) as exc:
                 self.reason = f"no snapshot from central ({type(exc).__name__})"
                 log.warning("sync degraded: %s; retrying", self.reason)
             await asyncio.sleep(SNAPSHOT_RETRY_S)
+
+    async def _check_stream(self) -> None:
+        """Create or verify the usage stream, apart from the snapshot: a JetStream API that
+        does not answer (a leaf without REGIONLIMIT_JS_DOMAIN, a hub still electing) only
+        delays the check, never the node's configuration and totals. Central's leader
+        creates the stream too, so a check that keeps failing is logged, not fatal."""
+        delay = SNAPSHOT_RETRY_S
+        while True:
+            try:
+                await ensure_usage_stream(self.link.jetstream(), limits=self._stream_limits)
+                return
+            except (*PUBLISH_ERRORS, RegionLimitError) as exc:
+                self._metrics.counters["stream_check_failures"] += 1
+                log.warning("usage stream check failed (%s: %s); check REGIONLIMIT_JS_DOMAIN; "
+                            "retrying in %.0fs", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(STREAM_CHECK_MAX_DELAY_S, delay * 2)  # a lasting misconfiguration
 
     async def _load_snapshot(self) -> None:
         assert self._listener is not None
@@ -199,13 +227,24 @@ class NodeSync:
                 if not self._spilled:
                     write_spill(self._spill_path, [])
             groups = self._store.take_usage(self._clock())
-            for index, (flushed_at, entries) in enumerate(groups):
-                try:
-                    published = await publisher.publish(flushed_at, entries)
-                except PublishFailed as exc:
-                    self._metrics.counters["batches_failed"] += 1
-                    self._store.return_usage([(flushed_at, exc.remaining), *groups[index + 1:]])
-                    log.warning("usage publication failed (%s); %d key-windows kept",
-                                exc.reason, self._store.unpublished)
-                    return
-                self._metrics.counters["batches_published"] += published
+            index = 0
+            try:
+                for index, (flushed_at, entries) in enumerate(groups):
+                    try:
+                        published = await publisher.publish(flushed_at, entries)
+                    except PublishFailed as exc:
+                        self._metrics.counters["batches_failed"] += 1
+                        self._store.return_usage(
+                            [(flushed_at, exc.remaining), *groups[index + 1:]])
+                        log.warning("usage publication failed (%s); %d key-windows kept",
+                                    exc.reason, self._store.unpublished)
+                        return
+                    self._metrics.counters["batches_published"] += published
+            except BaseException:
+                # Cancelled mid-publication (a stop while NATS stalls) or failed some other
+                # way: what this flush holds goes back to the outbox, so the stop spills
+                # it. The group in flight may have been published in part; counts are
+                # cumulative and central merges by maximum, so publishing it again is
+                # harmless.
+                self._store.return_usage(groups[index:])
+                raise

@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from regionlimit import central_cli, operator
+from regionlimit.cli_errors import CliError, dev_secret, settings_error
 from regionlimit.logs import configure_logging
 from sync.errors import RegionLimitError
 
-
-class CliError(Exception):
-    """A one-line message for stderr and a non-zero exit."""
-
-
-def settings_error(exc: ValidationError) -> CliError:
-    first = exc.errors()[0]
-    name = "REGIONLIMIT_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
-    return CliError(f"{name}: {first['msg']}")
-
-
-def dev_secret(kind: str) -> str:
-    value = secrets.token_urlsafe(32)
-    print(f"WARNING: --dev: using a generated {kind}; do not use --dev in production",
-          file=sys.stderr)
-    return value
+__all__ = ["CliError", "build_parser", "main"]
 
 
 def cmd_node(args: argparse.Namespace) -> None:
@@ -58,14 +43,14 @@ def cmd_node(args: argparse.Namespace) -> None:
 
 def cmd_hash(args: argparse.Namespace) -> None:
     from region_node.settings import NodeSettings
-    from sync.identifiers import IdentifierHasher
+    from sync.identifiers import IDENTIFIER_RULE, IdentifierHasher, is_identifier
 
     secret = NodeSettings().identifier_secret
     if secret is None:
         raise CliError("REGIONLIMIT_IDENTIFIER_SECRET is required to hash identifiers")
     identifier = sys.stdin.readline().rstrip("\n") if args.identifier == "-" else args.identifier
-    if not identifier or len(identifier.encode()) > 256:
-        raise CliError("identifier must be 1..256 bytes")
+    if not is_identifier(identifier):
+        raise CliError(IDENTIFIER_RULE)
     print(IdentifierHasher(secret.get_secret_value()).hash(identifier))
 
 
@@ -104,19 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port-base", type=int, default=8080,
                      help="central on N, nodes us/eu/ap on N+1..N+3 (default 8080)")
     dev.add_argument("--nats-url", help="use this NATS instead of an embedded nats-server")
-    dev.add_argument("--state-dir", help="where logs and the SQLite ledger go "
-                     "(default: a new temporary directory)")
+    dev.add_argument("--state-dir", help="where logs, the SQLite ledger and the generated "
+                     "secret and token are kept (default: .regionlimit/dev)")
     dev.set_defaults(run=cmd_dev)
 
-    _load_extra_commands()
-    for register in EXTRA_COMMANDS:
-        register(commands)
+    central_cli.register(commands)
+    operator.register(commands)
     return parser
-
-
-# Central-side commands register themselves here (central/cli.py), keeping this module
-# free of central's imports.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,19 +110,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _load_extra_commands() -> None:
-    try:
-        from central.cli import register
-    except ImportError:
-        return
-    if register not in EXTRA_COMMANDS:
-        EXTRA_COMMANDS.append(register)
-
-
 if __name__ == "__main__":
-    # Under `python -m regionlimit.cli` this file runs as __main__, a second copy of the
-    # module: the CliError that central's commands import from regionlimit.cli would not
-    # be this copy's class, and would escape main() as a traceback. Run the real module.
-    from regionlimit.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

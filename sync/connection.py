@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 log = logging.getLogger("regionlimit.nats")
 Callback = Callable[[], Awaitable[None]]
@@ -24,6 +25,9 @@ class NatsOptions:
     creds: Path | None = None
     tls_ca: Path | None = None
     name: str = "regionlimit"
+    # The hub's JetStream domain (REGIONLIMIT_JS_DOMAIN): through a leaf node, the JetStream
+    # API is only reachable under $JS.<domain>.API, so clients must name the domain.
+    js_domain: str | None = None
 
 
 def redact(url: str) -> str:
@@ -76,6 +80,11 @@ class NatsLink:
             self.connected.set()
             await self._on_connect()
             return
+
+    def jetstream(self) -> JetStreamContext:
+        """A JetStream context in the configured domain (connected links only)."""
+        assert self.nc is not None
+        return self.nc.jetstream(domain=self.options.js_domain)
 
     def _tls(self) -> ssl.SSLContext | None:
         if self.options.tls_ca is None:

@@ -8,17 +8,21 @@ consumer leaves it unacked until central is upgraded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
+from sync.algorithms.base import MAX_COUNT
 from sync.errors import InvalidField, MalformedMessage, UnsupportedVersion
-from sync.policy import Policy, build_policy
+from sync.identifiers import KEY_HASH
+from sync.policy import NAMESPACE, Policy, build_policy
 
 USAGE_VERSION = 2
 STATE_VERSION = 1
 MAX_MESSAGE_BYTES = 1_000_000  # NATS' default max_payload is 1 MiB
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,10 @@ class UsageBatch:
     region: str
     flushed_at: int
     entries: list[UsageEntry]
+    # Entries the decoder refused (bad field): dropped one by one, so one poisoned entry
+    # never costs the valid usage that travelled with it.
+    invalid_entries: int = 0
+    invalid_reason: str = ""  # the first refused entry's, for the log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +133,24 @@ def _policy_from_fields(fields: Any) -> Policy:
 
 
 def _str(value: Any, what: str, *, max_len: int = 256) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+    # Postgres refuses NUL in text: one such row would fail the whole ledger write.
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or "\x00" in value:
         raise MalformedMessage(f"bad {what}")
+    return value
+
+
+def _namespace(value: Any) -> str:
+    """The HTTP API's namespace rule (sync/policy.py), so the ledger only sees names a
+    client could have sent."""
+    if not isinstance(value, str) or NAMESPACE.fullmatch(value) is None:
+        raise MalformedMessage("bad namespace")
+    return value
+
+
+def _key_hash(value: Any) -> str:
+    """The shape every identifier hash has (sync/identifiers.py)."""
+    if not isinstance(value, str) or KEY_HASH.fullmatch(value) is None:
+        raise MalformedMessage("bad key hash")
     return value
 
 
@@ -143,7 +167,10 @@ def _time(value: Any, what: str) -> int:
 
 
 def _count(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """A count, cost or time: counters saturate at MAX_COUNT (sync/algorithms/base.py), so
+    anything larger was never produced by a node and would overflow the ledger's BIGINT."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < 0
+            or value > MAX_COUNT):
         raise MalformedMessage(f"bad {what}")
     return value
 
@@ -181,35 +208,53 @@ def decode_usage(data: bytes) -> UsageBatch:
     rows = obj.get("entries")
     if not isinstance(rows, list):
         raise MalformedMessage("bad entries")
+    policies: list[Policy | None] = []
     if version >= 2:
         raw_policies = obj.get("policies")
         if not isinstance(raw_policies, list):
             raise MalformedMessage("bad policies")
-        policies = [_policy_from_fields(p) for p in raw_policies]
+        policies = [_optional(_policy_from_fields, p) for p in raw_policies]
     entries = []
+    reason = ""
     for row in rows:
-        if not isinstance(row, list) or len(row) != 6:
-            raise MalformedMessage("bad entry")
-        if version >= 2:
-            index = _count(row[5], "policy index")
-            if index >= len(policies):
-                raise MalformedMessage("bad policy index")
-            policy = policies[index]
-        else:
-            p = row[5]
-            if not isinstance(p, dict):
-                raise MalformedMessage("bad policy")
-            policy = _policy_from_fields(
-                [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
-        entries.append(UsageEntry(
-            namespace=_str(row[0], "namespace", max_len=64),
-            key_hash=_str(row[1], "key hash", max_len=128),
-            window_start=_time(row[2], "window start"),
-            admitted=_count(row[3], "admitted"),
-            denied=_count(row[4], "denied"),
-            policy=policy,
-        ))
-    return UsageBatch(node_id, region, flushed_at, entries)
+        try:
+            entries.append(_usage_entry(row, version, policies))
+        except MalformedMessage as exc:
+            reason = reason or exc.reason
+    return UsageBatch(node_id, region, flushed_at, entries, len(rows) - len(entries), reason)
+
+
+def _optional(decode: Callable[..., T], *args: Any) -> T | None:
+    """``decode(*args)``, or None where the value is malformed."""
+    try:
+        return decode(*args)
+    except MalformedMessage:
+        return None
+
+
+def _usage_entry(row: Any, version: int, policies: list[Policy | None]) -> UsageEntry:
+    if not isinstance(row, list) or len(row) != 6:
+        raise MalformedMessage("bad entry")
+    policy: Policy | None
+    if version >= 2:
+        index = _count(row[5], "policy index")
+        policy = policies[index] if index < len(policies) else None
+    else:
+        p = row[5]
+        if not isinstance(p, dict):
+            raise MalformedMessage("bad policy")
+        policy = _policy_from_fields(
+            [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
+    if policy is None:
+        raise MalformedMessage("bad policy")
+    return UsageEntry(
+        namespace=_namespace(row[0]),
+        key_hash=_key_hash(row[1]),
+        window_start=_time(row[2], "window start"),
+        admitted=_count(row[3], "admitted"),
+        denied=_count(row[4], "denied"),
+        policy=policy,
+    )
 
 
 # --- totals and snapshots (central -> nodes, core NATS) -----------------------------------
@@ -226,8 +271,8 @@ def _total_from_row(row: Any) -> KeyTotal:
     if not isinstance(components, dict):
         raise MalformedMessage("bad components")
     return KeyTotal(
-        namespace=_str(row[0], "namespace", max_len=64),
-        key_hash=_str(row[1], "key hash", max_len=128),
+        namespace=_namespace(row[0]),
+        key_hash=_key_hash(row[1]),
         window_start=_time(row[2], "window start"),
         total=_count(row[3], "total"),
         components={_str(k, "node id"): _count(v, "component") for k, v in components.items()},
@@ -311,9 +356,9 @@ def _config_from_map(obj: Any) -> ConfigUpdate:
     for name, value in obj["namespaces"].items():
         if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], dict):
             raise MalformedMessage("bad namespace config")
-        namespaces[_str(name, "namespace", max_len=64)] = NamespacePolicies(
+        namespaces[_namespace(name)] = NamespacePolicies(
             _full_policy(value[0]),
-            {_str(h, "identifier hash", max_len=128): _full_policy(p)
+            {_key_hash(h): _full_policy(p)
              for h, p in value[1].items()})
     return ConfigUpdate(_count(obj.get("version"), "config version"), namespaces)
 
@@ -362,8 +407,8 @@ def decode_consistent_request(data: bytes) -> ConsistentRequest:
     if cost > policy.capacity:
         raise MalformedMessage("cost above capacity")
     return ConsistentRequest(
-        namespace=_str(obj.get("ns"), "namespace", max_len=64),
-        key_hash=_str(obj.get("key"), "key hash", max_len=128), cost=cost, policy=policy,
+        namespace=_namespace(obj.get("ns")),
+        key_hash=_key_hash(obj.get("key")), cost=cost, policy=policy,
         node_id=_str(obj.get("node"), "node id"),
         region=_str(obj.get("region"), "region", max_len=64))
 
@@ -457,8 +502,8 @@ def decode_lease_request(data: bytes) -> LeaseRequest:
     if demand > MAX_DEMAND:
         raise MalformedMessage("bad demand")
     return LeaseRequest(
-        op=op, namespace=_str(obj.get("ns"), "namespace", max_len=64),
-        key_hash=_str(obj.get("key"), "key hash", max_len=128), policy=policy,
+        op=op, namespace=_namespace(obj.get("ns")),
+        key_hash=_key_hash(obj.get("key")), policy=policy,
         node_id=_str(obj.get("node"), "node id"),
         region=_str(obj.get("region"), "region", max_len=64),
         window_start=_time(obj.get("window"), "window start"), used=used,

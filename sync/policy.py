@@ -11,9 +11,6 @@ from sync.errors import InvalidField
 
 ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
 MODES = ("fast", "consistent", "lease")
-# Lease mode hands out slices of a window's budget; a sliding window or a token bucket has
-# no fixed budget to slice (see docs/lease-mode.md).
-LEASE_ALGORITHMS = ("fixed_window",)
 ON_UNAVAILABLE = ("open", "closed")
 MAX_LIMIT = 1_000_000_000_000
 DEFAULT_ALGORITHM = "sliding_window"
@@ -88,8 +85,11 @@ def build_policy(
     if duration is None:
         raise InvalidField("duration", "duration is required")
     parsed = parse_duration(duration, field="duration")
-    algo = _choice(algorithm if algorithm is not None else DEFAULT_ALGORITHM, "algorithm",
-                   ALGORITHMS)
+    if algorithm is None:
+        # A calendar month can only be counted in fixed windows: asking for a month is
+        # asking for that, not for the default algorithm and a 422.
+        algorithm = "fixed_window" if parsed.is_month else DEFAULT_ALGORITHM
+    algo = _choice(algorithm, "algorithm", ALGORITHMS)
     if parsed.is_month and algo != "fixed_window":
         raise InvalidField("duration", "duration 'month' works only with algorithm fixed_window")
     checked_burst: int | None = None
@@ -102,9 +102,8 @@ def build_policy(
     if timeout_d.is_month or timeout_d.ms > MAX_TIMEOUT_MS:
         raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
     checked_mode = _choice(mode if mode is not None else "fast", "mode", MODES)
-    if checked_mode == "lease" and algo not in LEASE_ALGORITHMS:
-        raise InvalidField("algorithm", "mode lease works only with algorithm "
-                           + " or ".join(LEASE_ALGORITHMS))
+    if checked_mode == "lease":
+        _check_sliceable(algo)
     return Policy(
         limit=checked_limit,
         duration=parsed,
@@ -117,6 +116,18 @@ def build_policy(
         ),
         timeout=timeout_d,
     )
+
+
+def _check_sliceable(algorithm: str) -> None:
+    """Lease mode hands out slices of a window's budget: the algorithm says whether it has
+    one (sync/algorithms; see docs/lease-mode.md)."""
+    # Imported here: the algorithms import this module for Policy.
+    from sync.algorithms import ALGORITHMS as BY_NAME
+
+    if not BY_NAME[algorithm].sliceable:
+        sliceable = [name for name, each in BY_NAME.items() if each.sliceable]
+        raise InvalidField("algorithm", "mode lease works only with algorithm "
+                           + " or ".join(sliceable))
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from sync.errors import RegionLimitError
 from sync.messages import UsageBatch, UsageEntry, encode_usage
@@ -17,6 +18,7 @@ from sync.subjects import USAGE_STREAM, USAGE_SUBJECTS, usage_subject
 log = logging.getLogger("regionlimit.sync")
 ENTRIES_PER_MESSAGE = 2000  # ~150 KB of msgpack, far below the 1 MiB payload limit
 STREAM_MAX_AGE_S = 2 * 86_400  # shorter than central's component retention (7 days)
+DEFAULT_STREAM_MAX_BYTES = 1 << 30  # 1 GiB: hours of usage of a busy system
 PUBLISH_ERRORS = (nats.errors.Error, TimeoutError, OSError)
 
 
@@ -29,21 +31,69 @@ class PublishFailed(RegionLimitError):
         self.reason = reason
 
 
-async def ensure_usage_stream(js: JetStreamContext) -> None:
-    """Create the usage stream, or verify an existing one covers our subjects."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamLimits:
+    """How the usage stream is stored (REGIONLIMIT_STREAM_REPLICAS / _MAX_BYTES).
+
+    ``replicas`` must not exceed the JetStream servers of the hub: a single dev server
+    takes 1 (the default), the shipped 3-server hub 3. ``max_bytes`` bounds the stream;
+    once full, JetStream refuses new usage (discard new) instead of dropping unbilled
+    usage: nodes keep it in their counters and retry.
+    """
+
+    replicas: int = 1
+    max_bytes: int = DEFAULT_STREAM_MAX_BYTES
+
+
+def usage_stream_config(limits: StreamLimits) -> StreamConfig:
+    return StreamConfig(
+        name=USAGE_STREAM, subjects=[USAGE_SUBJECTS], storage=StorageType.FILE,
+        max_age=STREAM_MAX_AGE_S, num_replicas=limits.replicas, max_bytes=limits.max_bytes,
+        discard=DiscardPolicy.NEW)
+
+
+async def ensure_usage_stream(js: JetStreamContext, *, limits: StreamLimits | None = None,
+                              update: bool = False) -> None:
+    """Create the usage stream, or verify an existing one covers our subjects. With
+    ``update`` (central's leader), an existing stream's replicas and size are brought to
+    ``limits``."""
+    limits = limits or StreamLimits()
     try:
         info = await js.stream_info(USAGE_STREAM)
     except nats.js.errors.NotFoundError:
         try:
-            await js.add_stream(StreamConfig(
-                name=USAGE_STREAM, subjects=[USAGE_SUBJECTS], storage=StorageType.FILE,
-                max_age=STREAM_MAX_AGE_S))
-        except nats.js.errors.BadRequestError:
-            pass  # created concurrently by another process
+            await js.add_stream(usage_stream_config(limits))
+        except nats.js.errors.BadRequestError as exc:
+            if "already in use" not in str(exc.description or ""):
+                raise StreamSetupFailed(limits, exc) from None
+            # created concurrently by another process
+        except nats.js.errors.ServerError as exc:  # e.g. more replicas than servers
+            raise StreamSetupFailed(limits, exc) from None
         return
     subjects = info.config.subjects or []
     if USAGE_SUBJECTS not in subjects:
         raise RegionLimitError(f"stream {USAGE_STREAM} exists without subject {USAGE_SUBJECTS}")
+    if update and (info.config.num_replicas != limits.replicas
+                   or info.config.max_bytes != limits.max_bytes):
+        try:
+            await js.update_stream(usage_stream_config(limits))
+        except nats.js.errors.APIError as exc:
+            raise StreamSetupFailed(limits, exc) from None
+        log.info("usage stream updated: %d replicas, max %d bytes", limits.replicas,
+                 limits.max_bytes)
+
+
+class StreamSetupFailed(RegionLimitError):
+    """JetStream refused the usage stream as configured (the message says which limit)."""
+
+    def __init__(self, limits: StreamLimits, exc: nats.js.errors.APIError) -> None:
+        super().__init__(
+            f"JetStream refused stream {USAGE_STREAM} with {limits.replicas} replicas and "
+            f"max {limits.max_bytes} bytes ({exc.description or type(exc).__name__}); check "
+            "REGIONLIMIT_STREAM_REPLICAS against the hub's JetStream servers and "
+            "REGIONLIMIT_STREAM_MAX_BYTES against its storage")
+        self.limits = limits
+        self.description = exc.description
 
 
 class UsagePublisher:

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from region_node.counters import CounterStore
 from sync.algorithms import ALGORITHMS
-from sync.algorithms.base import Decision, KeyState
+from sync.algorithms.base import MAX_COUNT, Decision, KeyState
 from sync.errors import InvalidField
-from sync.policy import Policy, build_policy
+from sync.messages import UsageBatch, decode_usage, encode_usage
+from sync.policy import MAX_LIMIT, Policy, build_policy
 from sync.windows import window_bounds
 
 NS = "ns"
@@ -457,10 +458,10 @@ def test_month_with_another_algorithm_is_invalid(algorithm: str) -> None:
     assert caught.value.field == "duration"
 
 
-def test_month_without_algorithm_is_invalid_since_default_is_sliding() -> None:
-    with pytest.raises(InvalidField) as caught:
-        build_policy(limit=5, duration="month")
-    assert caught.value.field == "duration"
+def test_month_without_algorithm_means_fixed_window() -> None:
+    # Was a 422 (the default algorithm is sliding_window, which cannot count a month).
+    assert build_policy(limit=5, duration="month").algorithm == "fixed_window"
+    assert build_policy(limit=5, duration="1h").algorithm == "sliding_window"
 
 
 # --- the algorithms alone: pure functions of (state, policy, now, cost) -----------------
@@ -487,3 +488,18 @@ def test_algorithms_are_pure_functions_of_their_inputs(algorithm: str) -> None:
         runs.append(out)
     assert runs[0] == runs[1]
     assert runs[0][2].allowed is False  # 2 + 2 + 2 > 5 in every algorithm
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "token_bucket"])
+def test_denied_cost_saturates_at_the_documented_bound(algorithm: str) -> None:
+    """Denials have no cap: ~10^7 denied checks of a large cost once pushed a count past
+    2^63, which the ledger could not store (issue 10). The count stops at MAX_COUNT."""
+    policy = build_policy(limit=MAX_LIMIT, duration="1d", algorithm=algorithm)
+    store = CounterStore()
+    now = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000 + 1000
+    assert store.check("ns", "0" * 32, policy, MAX_LIMIT, now).allowed
+    for _ in range(MAX_COUNT // MAX_LIMIT + 2):  # ~9,000 denials of a full-limit cost
+        assert not store.check("ns", "0" * 32, policy, MAX_LIMIT, now).allowed
+    [(_, [entry])] = store.take_usage(now)
+    assert (entry.admitted, entry.denied) == (MAX_LIMIT, MAX_COUNT)
+    decode_usage(encode_usage(UsageBatch("n1", "eu", now, [entry])))  # still a valid message

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from central.rollups import ROLLUP_LAG_MS
-from central.usage_query import iso, parse_csv
+from central.billing.rollups import ROLLUP_LAG_MS
+from central.billing.usage_query import iso, parse_csv
 from sync.windows import month_bounds
 from tests.support.cluster import (
     HOUR_MS,

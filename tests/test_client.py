@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from region_node.client import (
+from regionlimit_client.client import (
     AsyncRegionLimitClient,
     CheckError,
     CheckRequest,

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from central.consistent_tx import (
+from central.consistent.tx import (
     DecisionTransactions,
     PostgresDecisions,
     SqlDecisions,

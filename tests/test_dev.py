@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.cluster import avoid_window_boundary, wait_until
 from tests.support.processes import base_env
@@ -69,3 +70,34 @@ def test_dev_runs_three_regions_enforcing_one_limit(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "regionlimit dev stopped" in out
+
+
+def test_dev_credentials_come_from_the_environment_or_survive_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from regionlimit.dev import DevSystem
+
+    for name in ("REGIONLIMIT_IDENTIFIER_SECRET", "REGIONLIMIT_ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    state = tmp_path / "state"
+    first = DevSystem(port_base=8080, nats_url=None, state_dir=state)
+    again = DevSystem(port_base=8080, nats_url=None, state_dir=state)
+    # A restart on the same state directory: the token the user exported still works.
+    assert (again.secret, again.admin_token) == (first.secret, first.admin_token)
+    assert len(first.secret) >= 32 and first.secret != first.admin_token
+    saved = state / "credentials.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+    # Another state directory is another system.
+    other = DevSystem(port_base=8080, nats_url=None, state_dir=tmp_path / "other")
+    assert other.admin_token != first.admin_token
+
+    monkeypatch.setenv("REGIONLIMIT_ADMIN_TOKEN", "my-admin-token")
+    monkeypatch.setenv("REGIONLIMIT_IDENTIFIER_SECRET", "my-identifier-secret")
+    given = DevSystem(port_base=8080, nats_url=None, state_dir=state)
+    assert (given.secret, given.admin_token) == ("my-identifier-secret", "my-admin-token")
+    assert given.env()["REGIONLIMIT_ADMIN_TOKEN"] == "my-admin-token"
+    assert "my-admin-token" not in saved.read_text()  # the environment's are not stored
+    monkeypatch.delenv("REGIONLIMIT_ADMIN_TOKEN")
+    # Only the secret from the environment: the token is the saved one.
+    mixed = DevSystem(port_base=8080, nats_url=None, state_dir=state)
+    assert (mixed.secret, mixed.admin_token) == ("my-identifier-secret", first.admin_token)

@@ -1,4 +1,4 @@
-"""Lease-mode grant arithmetic (central/lease_grants.py): sizing, returns, reclaims, and
+"""Lease-mode grant arithmetic (central/lease/grants.py): sizing, returns, reclaims, and
 the invariant under any interleaving of requests. Pure: no I/O."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from central.lease_grants import (
+from central.lease.grants import (
     Budget,
     Grant,
     acquire,

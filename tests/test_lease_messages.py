@@ -45,6 +45,9 @@ def _raw(**changes: Any) -> bytes:
     {"op": "steal"}, {"used": -1}, {"used": 101}, {"want": 101}, {"seq": "1"},
     {"policy": [100, "month", "fixed_window", None, "fast", "closed", "2s"]},
     {"node": ""}, {"window": 2**62}, {"demand": True}, {"t": "decide"},
+    # The API's rules, as for usage entries: namespace, key hash shape, counts.
+    {"ns": "plans/free"}, {"ns": "n" * 65}, {"ns": ""}, {"key": "raw-api-key"},
+    {"key": KEY + "0"}, {"key": "g" * 32}, {"seq": 2**53}, {"demand": 10**12 + 1},
 ])
 def test_a_bad_request_is_malformed(changes: dict[str, Any]) -> None:
     with pytest.raises(MalformedMessage):

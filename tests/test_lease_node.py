@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.database import make_engine
-from central.lease_authority import LeaseAuthority
-from central.lease_tx import LeaseTransactions
+from central.lease.authority import LeaseAuthority
+from central.lease.tx import LeaseTransactions
 from central.metrics import CentralMetrics
 from central.migrate import run_migrations
+from region_node.check_result import CheckResult
 from region_node.counters import CounterStore
 from region_node.lease import LeaseClient
 from region_node.metrics import NodeMetrics
@@ -72,20 +72,19 @@ async def system(engine: AsyncEngine, nats_server: NatsServer
         await central_link.close()
 
 
-async def decide(client: LeaseClient) -> dict[str, Any]:
+async def decide(client: LeaseClient) -> CheckResult:
     outcome = client.check("plans", KEY, POLICY, 1, "plans")
-    result: dict[str, Any] = outcome if isinstance(outcome, dict) else await outcome
-    return result
+    return outcome if isinstance(outcome, CheckResult) else await outcome
 
 
 async def test_a_slice_given_back_mid_window_is_not_spent_twice(
         system: tuple[LeaseClient, CounterStore]) -> None:
     client, store = system
-    admitted = [(await decide(client))["allowed"] for _ in range(4)]
+    admitted = [(await decide(client)).allowed for _ in range(4)]
     assert admitted == [True] * 4
     await client.tick()  # idle (idle_s 0): the unused slice goes back mid-window
     assert client.units_held() == 0
-    outcomes = [(await decide(client))["allowed"] for _ in range(12)]
+    outcomes = [(await decide(client)).allowed for _ in range(12)]
     # 6 more, not 6 + what the first slice had spent.
     assert outcomes == [True] * 6 + [False] * 6
     state = store.get("plans", KEY)
@@ -96,5 +95,5 @@ async def test_checks_waiting_on_one_request_share_it_and_stop_at_the_limit(
         system: tuple[LeaseClient, CounterStore]) -> None:
     client, _ = system
     results = await asyncio.gather(*(decide(client) for _ in range(25)))
-    assert sum(r["allowed"] for r in results) == 10
-    assert {r["source"] for r in results} == {"local"}
+    assert sum(r.allowed for r in results) == 10
+    assert {r.source for r in results} == {"local"}

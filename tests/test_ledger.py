@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import pkgutil
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import central
 from central.database import make_engine, normalize_url
-from central.ledger import BucketIncrement, ComponentRow, LedgerStore
+from central.ledger import BucketIncrement, ComponentRow, LedgerStore, refused_row
 from central.migrate import alembic_config, run_migrations
-from central.models import Base, components, usage_hourly
+from central.models import Base, components, usage_hourly, usage_quarantine
 
 HOUR = 3_600_000
 MINUTE = 60_000
@@ -273,33 +274,62 @@ async def test_negative_increments_are_refused(store: LedgerStore, engine: Async
     assert await count(engine, "components") == 0
 
 
-# --- atomicity --------------------------------------------------------------------------
+# --- refused rows (issue 10: one row the database refuses once blocked all billing) ----------
 
 
-async def test_a_failing_component_leaves_nothing_written(
+async def quarantined(engine: AsyncEngine) -> list[tuple[str, str, dict[str, object]]]:
+    async with engine.connect() as connection:
+        result = await connection.execute(
+            select(usage_quarantine.c.table_name, usage_quarantine.c.reason,
+                   usage_quarantine.c.row).order_by(usage_quarantine.c.id))
+        return [(table, reason, json.loads(row)) for table, reason, row in result]
+
+
+def refused_components(dialect: str) -> list[tuple[ComponentRow, str]]:
+    cases = [(component(key_hash="zz", algorithm=None), "algorithm"),
+             (component(key_hash="big", admitted=2**63), "")]
+    if dialect == "postgresql":  # SQLite stores a NUL in text
+        cases.append((component(namespace="a\x00b", key_hash="nul"), "0x00"))
+    return cases
+
+
+async def test_a_refused_component_is_quarantined_and_the_rest_commits(
     store: LedgerStore, engine: AsyncEngine
 ) -> None:
     good = [component(key_hash=f"k{i}", admitted=i + 1) for i in range(50)]
-    bad = component(key_hash="zz", algorithm=None)  # NOT NULL violation
-    with pytest.raises(IntegrityError):
-        await store.write([*good, bad], [bucket(admitted=9)])
-    assert await count(engine, "components") == 0
-    assert await count(engine, "usage_hourly") == 0
-
-    # The store (and its pool) is fine afterwards.
-    await store.write(good, [bucket(admitted=9)])
+    refused = refused_components(engine.dialect.name)
+    assert await store.write([*good, *(row for row, _ in refused)], [bucket(admitted=9)],
+                             now=T0 + 5) == len(refused)
     assert await count(engine, "components") == 50
     assert await store.usage_totals("api") == {("k1", "eu"): (9, 0)}
+    found = await quarantined(engine)
+    assert sorted(row["key_hash"] for _, _, row in found) == sorted(
+        row.key_hash for row, _ in refused)
+    for (row, words), (table, reason, data) in zip(
+            sorted(refused, key=lambda case: case[0].key_hash),
+            sorted(found, key=lambda entry: str(entry[2]["key_hash"])), strict=True):
+        assert table == "components" and words in reason
+        assert data["namespace"] == row.namespace and data["admitted"] == row.admitted
+
+    # Nothing is left pending: the next write is an ordinary one.
+    assert await store.write(good, [bucket(admitted=1)]) == 0
+    assert await store.usage_totals("api") == {("k1", "eu"): (10, 0)}
 
 
-async def test_a_failing_increment_rolls_back_the_components(
+async def test_a_refused_increment_is_quarantined_and_the_rest_commits(
     store: LedgerStore, engine: AsyncEngine
 ) -> None:
     bad = BucketIncrement("zzz", "k1", None, T0, 1, 0)  # type: ignore[arg-type]
-    with pytest.raises(IntegrityError):
-        await store.write([component(admitted=5)], [bucket(admitted=1), bad])
-    assert await count(engine, "components") == 0
-    assert await count(engine, "usage_hourly") == 0
+    assert await store.write([component(admitted=5)], [bucket(admitted=1), bad]) == 1
+    assert await count(engine, "components") == 1
+    assert await store.usage_totals("api") == {("k1", "eu"): (1, 0)}
+    [(table, reason, data)] = await quarantined(engine)
+    assert table == "usage_hourly" and data["namespace"] == "zzz" and "region" in reason
+
+
+async def test_a_lost_connection_is_not_a_refused_row(store: LedgerStore) -> None:
+    assert not refused_row(OSError("connection reset"))
+    assert refused_row(IntegrityError("stmt", {}, Exception("not null")))
 
 
 # --- load and prune ---------------------------------------------------------------------
@@ -340,3 +370,13 @@ async def test_large_batches_round_trip(store: LedgerStore) -> None:
     totals = await store.usage_totals("api")
     assert len(totals) == 10_000
     assert sum(admitted for admitted, _ in totals.values()) == sum(r.admitted for r in rows)
+
+
+async def test_streamed_components_are_the_loaded_ones_in_chunks(store: LedgerStore) -> None:
+    rows = [component(key_hash=f"k{i:03d}", admitted=i + 1) for i in range(25)]
+    await store.write(rows, [])
+    chunks = [chunk async for chunk in store.stream_components(window_end_after=0, chunk=10)]
+    assert [len(chunk) for chunk in chunks] == [10, 10, 5]
+    assert sorted(r.key for chunk in chunks for r in chunk) == sorted(r.key for r in rows)
+    assert [chunk async for chunk in store.stream_components(
+        window_end_after=rows[0].window_end)] == []

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sync.algorithms.base import MAX_COUNT
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
     MAX_TIMESTAMP_MS,
@@ -59,8 +60,17 @@ BUCKET = build_policy(limit=5, duration="1s", algorithm="token_bucket", burst=7)
 MONTHLY = build_policy(limit=100, duration="month", algorithm="fixed_window")
 FULL = build_policy(limit=3, duration="1h", algorithm="sliding_window", mode="consistent",
                     on_unavailable="closed", timeout="2s")
+def decode_usage_refusing(data: bytes) -> UsageBatch:
+    """decode_usage, where a refused entry counts as the message's fault: the field
+    tests below ask whether each bad field is caught, at the envelope or per entry."""
+    batch = decode_usage(data)
+    if batch.invalid_entries:
+        raise MalformedMessage(batch.invalid_reason)
+    return batch
+
+
 DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "usage": decode_usage,
+    "usage": decode_usage_refusing,
     "totals": decode_totals,
     "snapshot_req": decode_snapshot_request,
     "snapshot": decode_snapshot_page,
@@ -74,9 +84,10 @@ ALLOWED = (MalformedMessage, UnsupportedVersion)
 
 namespaces = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True)
 key_hashes = st.text("0123456789abcdef", min_size=32, max_size=32)
-counts = st.one_of(st.integers(0, 1000), st.integers(0, 2**64 - 1))
+counts = st.one_of(st.integers(0, 1000), st.integers(0, MAX_COUNT))
 times = st.one_of(st.integers(0, 1000), st.integers(0, MAX_TIMESTAMP_MS))
-ids = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
+ids = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1,
+              max_size=40)
 BASE_DURATIONS = ("1ms", "250ms", "1s", "90s", "1m", "15m", "1h", "1d", "7d", "366d")
 durations = st.one_of(
     st.sampled_from(BASE_DURATIONS),
@@ -496,18 +507,18 @@ def test_negative_counts_are_malformed() -> None:
         raw = unpack(encode_usage(sample_batch()))
         raw["entries"][1][index] = -1
         with pytest.raises(MalformedMessage):
-            decode_usage(pack(raw))
+            decode_usage_refusing(pack(raw))
 
 
 def test_policy_index_out_of_range_is_malformed() -> None:
     raw = unpack(encode_usage(sample_batch()))
     raw["entries"][0][5] = len(raw["policies"])
     with pytest.raises(MalformedMessage):
-        decode_usage(pack(raw))
+        decode_usage_refusing(pack(raw))
     raw["policies"] = []
     raw["entries"][0][5] = 0
     with pytest.raises(MalformedMessage):
-        decode_usage(pack(raw))
+        decode_usage_refusing(pack(raw))
 
 
 def test_decision_error_flag_means_no_decision() -> None:
@@ -593,7 +604,66 @@ def test_times_past_year_9999_are_malformed(field: str) -> None:
     policy = build_policy(limit=1, duration="1m", algorithm="fixed_window")
     late = MAX_TIMESTAMP_MS + 1
     batch = UsageBatch("n", "r", late if field == "flush time" else 0,
-                       [UsageEntry("ns", "k" * 32, late if field == "window start" else 0, 1,
+                       [UsageEntry("ns", "0" * 32, late if field == "window start" else 0, 1,
                                    0, policy)])
     with pytest.raises(MalformedMessage, match=field):
-        decode_usage(encode_usage(batch))
+        decode_usage_refusing(encode_usage(batch))
+
+
+# --- poison fields (issue 10): decodable, but the ledger or the arithmetic can't hold them --
+
+def _usage_with(**changes: Any) -> bytes:
+    policy = build_policy(limit=10, duration="1h", algorithm="fixed_window")
+    fields: dict[str, Any] = {"namespace": "api", "key_hash": "0" * 32, "window_start": 0,
+                              "admitted": 1, "denied": 0, "policy": policy}
+    batch_fields: dict[str, Any] = {"node_id": "n1", "region": "eu"}
+    for name, value in changes.items():
+        (batch_fields if name in batch_fields else fields)[name] = value
+    return encode_usage(UsageBatch(batch_fields["node_id"], batch_fields["region"], 0,
+                                   [UsageEntry(**fields)]))
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("namespace", "a\x00b", "namespace"),
+    ("namespace", "has space", "namespace"),
+    ("namespace", "x" * 65, "namespace"),
+    ("key_hash", "f" * 31 + "\x00", "key hash"),
+    ("key_hash", "K" * 32, "key hash"),
+    ("key_hash", "0" * 33, "key hash"),
+    ("admitted", 2**63, "admitted"),
+    ("denied", 2**63, "denied"),
+    ("admitted", MAX_COUNT + 1, "admitted"),
+    ("node_id", "n\x00", "node id"),
+    ("region", "eu\x00", "region"),
+])
+def test_usage_fields_outside_the_api_rules_are_malformed(field: str, value: Any,
+                                                          reason: str) -> None:
+    with pytest.raises(MalformedMessage, match=reason):
+        decode_usage_refusing(_usage_with(**{field: value}))
+
+
+def test_the_largest_count_a_node_can_hold_decodes() -> None:
+    batch = decode_usage(_usage_with(admitted=MAX_COUNT, denied=MAX_COUNT))
+    assert (batch.entries[0].admitted, batch.entries[0].denied) == (MAX_COUNT, MAX_COUNT)
+
+
+def test_a_bad_entry_is_dropped_alone_and_the_rest_of_its_batch_is_kept() -> None:
+    raw = unpack(sample_messages()["usage"])
+    good = raw["entries"][0]
+    raw["entries"] = [good, [*good[:3], 2**63, *good[4:]], ["a\x00b", *good[1:]],
+                      [*good[:5], 99], "not a row", good]
+    batch = decode_usage(pack(raw))
+    assert batch.invalid_entries == 4
+    assert len(batch.entries) == 2
+    assert batch.entries[0] == batch.entries[1]
+    assert batch.entries[0].admitted == good[3]
+
+
+def test_a_bad_policy_drops_only_the_entries_that_use_it() -> None:
+    raw = unpack(sample_messages()["usage"])
+    good = raw["entries"][0]
+    raw["policies"].append([0, "1h", "fixed_window", None])  # limit 0: not a policy
+    raw["entries"] = [good, [*good[:5], len(raw["policies"]) - 1]]
+    batch = decode_usage(pack(raw))
+    assert batch.invalid_entries == 1
+    assert [e.key_hash for e in batch.entries] == [good[1]]

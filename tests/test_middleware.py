@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from region_node.middleware import RateLimitMiddleware
+from regionlimit_client.middleware import RateLimitMiddleware
 from tests.support.processes import ManagedProcess, base_env, free_port, region_node
 
 LIMIT = 3

@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,19 @@ async def test_sliding_window_is_the_default_algorithm(client: httpx.AsyncClient
     assert not denied["allowed"]
 
 
+async def test_an_inline_month_without_algorithm_is_a_fixed_calendar_month(
+        client: httpx.AsyncClient) -> None:
+    now = datetime.fromtimestamp((T0 + 1_500) / 1000, tz=UTC)
+    first_of_next = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+    response = await check(client, limit=5, duration="month", cost=5)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["allowed"] and body["remaining"] == 0
+    # Fixed window: everything comes back at the start of the next calendar month (UTC).
+    assert body["reset_at"] == int(first_of_next.timestamp() * 1000)
+    assert body["retry_after_ms"] is None
+
+
 async def test_cost_zero_consumes_nothing_and_answers_remaining(
         client: httpx.AsyncClient) -> None:
     probe = (await check(client, cost=0, **INLINE)).json()
@@ -308,7 +322,6 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, path: str, body:
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "0s"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": 60}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "1m\n"}, "duration"),
-    ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "month"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "month",
       "algorithm": "token_bucket"}, "duration"),
     ({"namespace": "adhoc", "identifier": "x", "algorithm": "leaky", **{

@@ -191,7 +191,8 @@ async def test_200_concurrent_checks_against_50_admit_exactly_50(node: ManagedPr
 
 def test_raw_identifiers_never_leave_the_node() -> None:
     canary = f"sk_live_LEAKCANARY_{uuid.uuid4().hex}"
-    process = region_node(region="leak").start(ready_path="/readyz")
+    process = region_node(region="leak", extra_env={"REGIONLIMIT_ACCESS_LOG": "true"}).start(
+        ready_path="/readyz")
     bodies: list[bytes] = []
     try:
         with httpx.Client(base_url=process.url) as client:
@@ -237,3 +238,25 @@ def test_raw_identifiers_never_leave_the_node() -> None:
         assert canary.encode() not in body
     # Nor a recognisable part of it.
     assert "LEAKCANARY" not in log and not any(b"LEAKCANARY" in body for body in bodies)
+
+
+def test_no_line_per_check_by_default_but_refused_requests_are_logged() -> None:
+    canary = f"sk_live_LEAKCANARY_{uuid.uuid4().hex}"
+    process = region_node(region="quiet").start(ready_path="/readyz")
+    try:
+        with httpx.Client(base_url=process.url) as client:
+            check = {"namespace": "quiet", "identifier": canary, "limit": 5, "duration": "1h"}
+            for _ in range(3):
+                assert client.post("/v1/check", json=check).status_code == 200
+            assert client.post("/v1/check", json={**check, "cost": -1}).status_code == 422
+            not_json = b'{"identifier": "' + canary.encode() + b'", '
+            assert client.post("/v1/check", content=not_json).status_code == 400
+    finally:
+        process.stop()
+    log = process.log()
+    assert "POST /v1/check" not in log  # no access line per check
+    rejected = [line for line in log.splitlines() if "rejected request" in line]
+    assert len(rejected) == 2, log
+    assert "422 invalid_field (field cost)" in rejected[0]
+    assert "400 invalid_json" in rejected[1]
+    assert canary not in log and "LEAKCANARY" not in log

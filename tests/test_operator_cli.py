@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from central.billing.usage_query import parse_csv, parse_time
 from central.database import make_engine
 from central.ledger import BucketIncrement, LedgerStore
-from central.operator_cli import month_range, render_table
-from central.usage_query import parse_csv, parse_time
 from regionlimit.cli import main
+from regionlimit.operator import month_range, render_table
 from tests.support.cluster import Cluster
 from tests.support.nats_server import NatsServer
 from tests.support.processes import (

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sync.durations import MAX_DURATION_MS, Duration, format_ms, parse_duration
 from sync.errors import InvalidDuration, InvalidField
+from sync.identifiers import check_identifier, is_identifier
 from sync.policy import MAX_LIMIT, MAX_TIMEOUT_MS, Policy, build_policy, policy_from_dict
 from sync.windows import HOUR_MS, hour_start, month_bounds, window_bounds, window_end
 
@@ -90,7 +91,7 @@ def test_token_bucket_burst_defaults_to_limit_and_bounds_cost() -> None:
     ({"limit": "10"}, "limit"),
     ({"duration": "1y"}, "duration"),
     ({"duration": 60}, "duration"),
-    ({"duration": "month"}, "duration"),                      # default sliding_window
+    ({"duration": "month", "algorithm": "sliding_window"}, "duration"),  # month: fixed only
     ({"duration": "month", "algorithm": "token_bucket"}, "duration"),
     ({"algorithm": "leaky_bucket"}, "algorithm"),
     ({"algorithm": ["fixed_window"]}, "algorithm"),
@@ -187,3 +188,16 @@ def test_fixed_length_windows_are_epoch_aligned(now: int, text: str) -> None:
 def test_hour_start(now: int) -> None:
     start = hour_start(now)
     assert start <= now < start + HOUR_MS and start % HOUR_MS == 0
+
+
+def test_the_identifier_rule_counts_utf8_bytes() -> None:
+    assert is_identifier("k") and is_identifier("a" * 256) and is_identifier("€" * 85)
+    assert is_identifier("😀" * 64)  # 256 bytes in 64 characters
+    assert not is_identifier("😀" * 65)  # 65 characters, 260 bytes
+    assert not is_identifier("a" * 257) and not is_identifier("€" * 86)
+    for bad in ("", None, 5, b"k", ["k"]):
+        assert not is_identifier(bad)
+    assert check_identifier("k") == "k"
+    with pytest.raises(InvalidField) as caught:
+        check_identifier("x" * 300)
+    assert caught.value.field == "identifier"

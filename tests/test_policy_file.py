@@ -87,6 +87,13 @@ def test_load_policy_file_reads_a_file(tmp_path: Path) -> None:
     assert load_policy_file(path) == parse(DOCUMENT)
 
 
+def test_a_month_without_algorithm_is_a_fixed_window() -> None:
+    namespaces = parse('[namespaces.quota]\nlimit = 100\nduration = "month"\n')
+    assert namespaces["quota"].policy.algorithm == "fixed_window"
+    with pytest.raises(PolicyFileError):  # an explicit other algorithm stays a mistake
+        parse('[namespaces.quota]\nlimit = 1\nduration = "month"\nalgorithm = "token_bucket"\n')
+
+
 def test_empty_document_has_no_namespaces() -> None:
     assert parse("") == {}
 
@@ -101,7 +108,9 @@ def test_empty_document_has_no_namespaces() -> None:
     ('[namespaces.api]\nlimit = true\nduration = "1s"', "limit", "namespaces.api.limit"),
     ('[namespaces.api]\nlimit = 1.5\nduration = "1s"', "limit", "namespaces.api.limit"),
     ('[namespaces.api]\nlimit = 1\nduration = "1y"', "duration", "namespaces.api.duration"),
-    ('[namespaces.api]\nlimit = 1\nduration = "month"', "duration", "namespaces.api.duration"),
+    # A month without algorithm is now a fixed window; with another algorithm, a mistake.
+    ('[namespaces.api]\nlimit = 1\nduration = "month"\nalgorithm = "sliding_window"',
+     "duration", "namespaces.api.duration"),
     ('[namespaces.api]\nlimit = 1\nduration = "1s"\nlimt = 2', "limt", "unknown key 'limt'"),
     ('[namespaces.api]\nlimit = 1\nduration = "1s"\nidentifier_hash = "' + VIP + '"',
      "identifier_hash", "unknown key 'identifier_hash'"),

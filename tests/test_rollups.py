@@ -1,4 +1,4 @@
-"""Rollups and retention (central/rollups.py) against SQLite and Postgres (``ledger_url``).
+"""Rollups and retention (central/billing/rollups.py) against SQLite and Postgres (``ledger_url``).
 
 Usage is written the way ingest writes it (``LedgerStore.write``), kept in a Python model
 alongside, and every query is compared with the model: before any rollup, after folding,
@@ -19,13 +19,9 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from central import rollups
-from central.database import make_engine
-from central.ledger import BucketIncrement, LedgerStore
-from central.migrate import run_migrations
-from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
-from central.rollups import KeyRange, RollupJob
-from central.usage_query import (
+from central.billing import rollups
+from central.billing.rollups import KeyRange, RollupJob
+from central.billing.usage_query import (
     DAY_MS,
     HOUR_MS,
     UsageQuery,
@@ -34,7 +30,11 @@ from central.usage_query import (
     period_label,
     period_start,
 )
-from central.usage_store import UsageStore, pending
+from central.billing.usage_store import UsageStore, pending
+from central.database import make_engine
+from central.ledger import BucketIncrement, LedgerStore
+from central.migrate import run_migrations
+from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 from sync.errors import InvalidField
 
 Model = dict[tuple[str, str, str, int], list[int]]

@@ -12,14 +12,14 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from central.app import build_central_app
+from central.billing.rollups import RollupJob
+from central.billing.usage_query import DAY_MS, HOUR_MS, parse_csv, parse_time
+from central.billing.usage_store import STREAM_CHUNK
 from central.ledger import BucketIncrement, LedgerStore
 from central.migrate import run_migrations
-from central.rollups import RollupJob
 from central.service import CentralService
 from central.settings import CentralSettings
 from central.totals import GlobalTotals
-from central.usage_query import DAY_MS, HOUR_MS, parse_csv, parse_time
-from central.usage_store import STREAM_CHUNK
 from sync.messages import UsageBatch, UsageEntry
 from sync.policy import build_policy
 from sync.windows import hour_start
@@ -100,6 +100,9 @@ async def test_bad_requests_are_400_or_422_naming_the_field(client: httpx.AsyncC
         ({"namespace": "api", "to": "next tuesday"}, "to"),
         ({"namespace": "api", "from": "2026-12-01", "to": "2026-11-01"}, "to"),
         ({"namespace": "api", "limit": 5}, "limit"),
+        # December 9999 used to be planned into year 10000: a 500 (issue 10).
+        ({"namespace": "api", "from": "2026-11-01", "to": "9999-12-31T00:00:00Z"}, "to"),
+        ({"namespace": "api", "from": "9999-12-02", "to": "9999-12-03"}, "from"),
     ]
     for body, field in cases:
         response = await query(client, **body)
@@ -238,3 +241,17 @@ async def test_an_unreachable_ledger_is_a_503_not_a_500(accept: str) -> None:
         assert error_of(response)["code"] == "ledger_unavailable"
     finally:
         await service.engine.dispose()
+
+
+async def test_a_namespace_of_a_month_without_algorithm_is_a_fixed_window(
+        client: httpx.AsyncClient) -> None:
+    # The admin API shares the rule with inline checks and policy files.
+    put = await client.put("/v1/namespaces/quota", json={"limit": 100, "duration": "month"},
+                           headers=AUTH)
+    assert put.status_code == 200, put.text
+    assert put.json()["algorithm"] == "fixed_window"
+    stored = await client.get("/v1/namespaces/quota", headers=AUTH)
+    assert stored.json()["algorithm"] == "fixed_window"
+    other = await client.put("/v1/namespaces/quota2", headers=AUTH, json={
+        "limit": 100, "duration": "month", "algorithm": "sliding_window"})
+    assert other.status_code == 422 and other.json()["error"]["field"] == "duration"

@@ -1,18 +1,20 @@
-"""Usage queries without I/O (central/usage_query.py): validation, periods, planning, CSV."""
+"""Usage queries without I/O (central/billing/usage_query.py): validation, periods,
+planning, CSV."""
 
 from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from central.totals import GlobalTotals
-from central.usage_query import (
+from central.billing.usage_query import (
     DAY_MS,
     HOUR_MS,
+    MAX_TIME_MS,
     Segment,
     UsageQuery,
     UsageRow,
@@ -32,6 +34,7 @@ from central.usage_query import (
     response_body,
     wants_csv,
 )
+from central.totals import GlobalTotals
 from sync.errors import InvalidField
 from sync.messages import UsageBatch, UsageEntry
 from sync.policy import build_policy
@@ -299,3 +302,38 @@ def test_response_body_echoes_the_range_in_iso() -> None:
 ])
 def test_csv_is_chosen_when_the_client_prefers_it(accept: str | None, csv: bool) -> None:
     assert wants_csv(accept) is csv
+
+
+# --- the whole accepted range (issue 10: December 9999 was a 500) ----------------------------
+
+every_hour = st.integers(0, MAX_TIME_MS // HOUR_MS).map(lambda h: h * HOUR_MS)
+as_given = st.sampled_from([lambda t: t, iso, lambda t: iso(t)[:10] if t % DAY_MS == 0 else t])
+
+
+@given(every_hour, every_hour, as_given, st.sampled_from([None, ["day"], ["month"],
+                                                          ["region", "month"]]))
+@PROPERTY
+def test_every_range_the_api_accepts_can_be_planned(a: int, b: int, render: Any,
+                                                     group_by: list[str] | None) -> None:
+    start, end = min(a, b), max(a, b)
+    try:
+        query = request(**{"from": render(start), "to": render(end), "group_by": group_by})
+    except InvalidField as exc:
+        assert start == end and exc.field == "to"
+        return
+    segments = plan(query, hourly_from=0, daily_from=0)
+    assert segments[0].start == start and segments[-1].end == end
+    for segment in segments:
+        period_label(segment.start, "month")
+        month_starts(segment.start, segment.end)
+
+
+@pytest.mark.parametrize("field", ["from", "to"])
+@pytest.mark.parametrize("value", ["9999-12-15", "9999-12-31T23:00:00Z", MAX_TIME_MS + HOUR_MS,
+                                   "9999-12-31T23:00:00-05:00", "1969-12-31T23:00:00Z"])
+def test_times_past_the_accepted_range_are_named(field: str, value: object) -> None:
+    body = {"from": 0, "to": MAX_TIME_MS, field: value}
+    with pytest.raises(InvalidField) as caught:
+        request(**body)
+    assert caught.value.field == field
+    assert "9999-12-01" in caught.value.message

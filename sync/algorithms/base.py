@@ -11,6 +11,11 @@ from sync.policy import Policy
 Bounds = Callable[[Duration, int], tuple[int, int]]
 Retire = Callable[["KeyState", bool], None]  # (state, both windows?) before they move
 
+# Counters saturate here instead of growing without bound: 2^53 - 1 keeps every count an
+# exact JSON number, and the ledger's BIGINT sums (one count per node, added per region
+# and hour) stay far from 2^63 - 1. Only denied cost can get near it (denials have no cap).
+MAX_COUNT = 2**53 - 1
+
 CUR_DIRTY = 1
 PREV_DIRTY = 2
 
@@ -69,6 +74,31 @@ class KeyState:
 
 
 class Algorithm(Protocol):
+    """One algorithm, one file. Besides deciding, it answers what callers would otherwise
+    branch on by name (the counters, central's totals, consistent mode)."""
+
+    blocks: bool
+    """Reaching the limit blocks the key until its window ends (central's block decision
+    reaches every node). A token bucket refills instead: it never blocks, and may admit
+    more than limit per window (its burst)."""
+
+    past_windows: int
+    """Whole windows before the current one whose usage still weighs on a decision."""
+
+    debits_remote: bool
+    """Other nodes' usage, when central reports it, is taken out of this node's state (a
+    token bucket's level), so a window's totals matter until one window after its end."""
+
+    windowed_usage: bool
+    """Usage counted per window says what is left, so a new key may start from the usage
+    of its windows. A token bucket's windows say how much was used, not when: not how much
+    has refilled since."""
+
+    sliceable: bool
+    """A window holds a fixed budget (limit) that lease mode can split into slices, one per
+    node, whose sum never exceeds it. A sliding window's budget depends on the previous
+    window's weight at each instant and a token bucket's on its refill: neither has one."""
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         """Admit ``cost`` if it fits (and record it), else record a denial. ``cost`` 0 asks
         whether one unit would fit and consumes nothing."""
@@ -83,7 +113,8 @@ class Algorithm(Protocol):
 def deny(state: KeyState, algorithm: Algorithm, policy: Policy, now: int, cost: int,
          fits: bool, remaining: int, reset_at: int) -> Decision:
     """Record a denial; ``fits`` is true when only a central block decision denies."""
-    state.cur_denied += cost
+    denied = state.cur_denied + cost
+    state.cur_denied = denied if denied < MAX_COUNT else MAX_COUNT
     retry = state.blocked_until - now
     if not fits:
         retry = max(retry, algorithm.retry_after(state, policy, now, cost or 1))

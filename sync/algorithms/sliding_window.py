@@ -8,6 +8,12 @@ from sync.policy import Policy
 
 
 class SlidingWindow:
+    blocks = True
+    past_windows = 1
+    debits_remote = False
+    windowed_usage = True
+    sliceable = False
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
         cur = state.cur + state.remote_cur

@@ -11,6 +11,12 @@ from sync.policy import Policy
 
 
 class TokenBucket:
+    blocks = False
+    past_windows = 0
+    debits_remote = True
+    windowed_usage = False
+    sliceable = False
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
         rate = policy.limit

@@ -69,6 +69,16 @@ class NatsServer:
         """Abrupt stop (SIGKILL): like a crashed server; JetStream recovers on start."""
         self._signal(signal.SIGKILL, 10.0)
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing is answered (a stalled server)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause()``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def restart(self, *, timeout: float = 20.0) -> NatsServer:
         """Stop gracefully and start again on the same port with the same store."""
         self.stop()

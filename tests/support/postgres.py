@@ -140,6 +140,15 @@ class EmbeddedPostgres(PostgresServer):
                 proc.wait()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
+    def outage(self, seconds: float, *, timeout: float = 60.0) -> None:
+        """Stop the server ("fast": clients are disconnected), stay down for ``seconds``,
+        start it again on the same port and data directory."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=timeout)
+        time.sleep(seconds)
+        self._spawn(timeout)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

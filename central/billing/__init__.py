@@ -1,0 +1,1 @@
+"""Billing: the usage store, usage queries, their API and the rollups that keep the ledger small."""

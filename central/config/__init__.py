@@ -1,0 +1,1 @@
+"""Configuration at central: the namespaces and overrides store and the admin API."""

@@ -1,0 +1,1 @@
+"""Consistent mode at central: the authority, its pure decisions, state and transactions."""

@@ -1,0 +1,1 @@
+"""Per-partition building blocks of central at scale (pure, no I/O)."""

@@ -1,0 +1,104 @@
+"""A frozen leader (SIGSTOP: its TCP sessions stay open, so Postgres keeps its advisory
+lock) is replaced by the standby within the lease timeout; once resumed (SIGCONT) it
+finds its session terminated, steps down, and writes nothing: every check is billed
+exactly once."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.cluster import (
+    HOUR_MS,
+    Cluster,
+    admin,
+    avoid_window_boundary,
+    check,
+    wait_until,
+)
+from tests.support.nats_server import NatsServer
+from tests.support.processes import ManagedProcess
+
+NAMESPACE = "frozen"
+# Uncommitted usage of the frozen leader comes back through JetStream's redelivery
+# (central's ack wait is 60 s), hence the generous deadline.
+REDELIVERY_DEADLINE_S = 150.0
+
+
+@pytest.fixture
+def cluster(nats_server: NatsServer, postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    system = Cluster(nats=nats_server, database_url=postgres_url, tmp=tmp_path,
+                     env={"REGIONLIMIT_LEASE_TIMEOUT": "3s",
+                          "REGIONLIMIT_COMMIT_INTERVAL": "200ms"})
+    try:
+        yield system
+    finally:
+        for proc in system.processes:  # a stopped process ignores SIGKILL until resumed
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGCONT)
+        system.close()
+
+
+def is_leader(central: ManagedProcess) -> bool:
+    try:
+        return bool(httpx.get(central.url + "/readyz", timeout=2).json()["leader"])
+    except httpx.HTTPError:
+        return False  # a frozen process does not answer
+
+
+def billed_exactly(cluster: Cluster, cost: int) -> bool:
+    return cluster.components_total(NAMESPACE) == cost and \
+        cluster.billed(NAMESPACE) == (cost, 0)
+
+
+def test_a_frozen_leader_is_replaced_and_fenced(cluster: Cluster) -> None:
+    first = cluster.central()
+    wait_until(lambda: is_leader(first), what="the first replica leads")
+    second = cluster.central()
+    response = admin(first.url, "PUT", f"/v1/namespaces/{NAMESPACE}",
+                     {"limit": 100_000, "duration": "1h", "algorithm": "fixed_window"})
+    assert response.status_code == 200, response.text
+    node = cluster.node("us")
+    avoid_window_boundary(HOUR_MS, span_s=REDELIVERY_DEADLINE_S * 2)
+    client = httpx.Client(timeout=10)
+    wait_until(lambda: client.post(node.url + "/v1/check", json={
+        "namespace": NAMESPACE, "identifier": "probe", "cost": 0}).status_code == 200,
+        what="namespace configured on the node")
+
+    for _ in range(5):
+        assert check(client, node.url, NAMESPACE, "alice")["allowed"]
+    wait_until(lambda: billed_exactly(cluster, 5), timeout=60, what="5 billed")
+
+    # Usage in flight while the leader freezes: it may hold some merged, uncommitted.
+    for _ in range(3):
+        assert check(client, node.url, NAMESPACE, "bob")["allowed"]
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: is_leader(second), timeout=60,
+                   what=f"the standby takes over\n{second.log()}")
+        for _ in range(7):
+            assert check(client, node.url, NAMESPACE, "carol")["allowed"]
+        wait_until(lambda: cluster.components_total(NAMESPACE) >= 5 + 7, timeout=60,
+                   what="the new leader ingests")
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+
+    # Resumed, the old leader notices its lost lease and writes nothing.
+    wait_until(lambda: "leader lease lost" in first.log(), timeout=60,
+               what=f"the old leader steps down\n{first.log()}")
+    wait_until(lambda: not is_leader(first), timeout=30,
+               what=f"old leader reports standby\n{first.log()[-6000:]}")
+    assert is_leader(second)
+    for _ in range(4):
+        assert check(client, node.url, NAMESPACE, "dave")["allowed"]
+    wait_until(lambda: billed_exactly(cluster, 5 + 3 + 7 + 4), timeout=REDELIVERY_DEADLINE_S,
+               what="every check billed exactly once: "
+               f"{cluster.components_total(NAMESPACE)} {cluster.billed(NAMESPACE)}\n"
+               f"{first.log()[-4000:]}")
+    assert is_leader(second) and not is_leader(first)
+    assert billed_exactly(cluster, 19)
