@@ -18,6 +18,8 @@ from central.consistent.authority import Authority
 from central.database import make_engine
 from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
+from central.lease.authority import LeaseAuthority
+from central.lease.tx import LeaseTransactions
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
 from central.migrate import schema_status
@@ -25,6 +27,7 @@ from central.settings import CentralSettings
 from central.totals import GlobalTotals
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsLink, NatsOptions
+from sync.durations import setting_ms
 from sync.identifiers import IdentifierHasher
 from sync.messages import ConfigUpdate, encode_config
 from sync.subjects import CONFIG
@@ -56,6 +59,11 @@ class CentralService:
         self.over_admission: dict[str, int] = {}
         self.metrics.track_over_admission(lambda: dict(self.over_admission))
         self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
+        reclaim = settings.lease_reclaim_after
+        self.lease_authority = LeaseAuthority(LeaseTransactions(
+            self.engine, clock=clock, ttl_ms=setting_ms(settings.lease_ttl),
+            reclaim_after_ms=0 if reclaim == "0" else setting_ms(reclaim)),
+            metrics=self.metrics, lanes=4 if self.engine.dialect.name == "postgresql" else 1)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
                                          tls_ca=settings.nats_tls_ca, name=self.replica_id,
                                          js_domain=settings.js_domain))
@@ -86,12 +94,19 @@ class CentralService:
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._lead_forever(), name="leadership"))
         self._tasks.append(asyncio.create_task(self._serve_authority(), name="authority"))
+        self._tasks.append(asyncio.create_task(self._serve_leases(), name="lease-authority"))
 
     async def _serve_authority(self) -> None:
         """Every replica answers consistent checks (a queue group spreads them)."""
         await self.link.connected.wait()
         assert self.link.nc is not None
         await self.authority.serve(self.link.nc)
+
+    async def _serve_leases(self) -> None:
+        """Every replica also hands out lease-mode slices (a queue group of its own)."""
+        await self.link.connected.wait()
+        assert self.link.nc is not None
+        await self.lease_authority.serve(self.link.nc)
 
     async def stop(self) -> None:
         """Stop within a bounded time: a shutdown that hangs on a stuck connection would

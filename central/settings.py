@@ -52,13 +52,18 @@ class CentralSettings(BaseSettings):
     # deposed by a standby; the leader renews it every second.
     lease_timeout: str = "10s"
     log_level: str = "info"
+    # Lease mode (central/lease/; not the leader lease above): how long a node may spend a
+    # slice from the moment it asked, and how long after that the authority waits before
+    # taking back what an unheard-from node did not report using ("0" = never take it back).
+    lease_ttl: str = "10s"
+    lease_reclaim_after: str = "30s"
 
     @property
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval", "lease_timeout", "ack_wait"
+                                 "rollup_interval", "lease_timeout", "ack_wait", "lease_ttl"
                                  )(check_interval)
 
     @field_validator("lease_timeout")
@@ -67,6 +72,11 @@ class CentralSettings(BaseSettings):
         if not 3_000 <= setting_ms(value) <= 300_000:
             raise ValueError("the lease timeout must be between 3s and 5m")
         return value
+
+    @field_validator("lease_reclaim_after")
+    @classmethod
+    def _zero_or_interval(cls, value: str) -> str:
+        return value if value == "0" else check_interval(value)
 
     @field_validator("hourly_retention", "daily_retention")
     @classmethod

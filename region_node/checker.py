@@ -33,6 +33,13 @@ class Authority(Protocol):
                      label: str, protocol: str = "http") -> Result: ...
 
 
+class Leases(Protocol):
+    """The lease-mode seam: answers from this node's slice, or waits for a grant."""
+
+    def check(self, namespace: str, key_hash: str, policy: Policy, cost: int, label: str
+              ) -> Result | Awaitable[Result]: ...
+
+
 def _field_error(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_field", message, field)
 
@@ -49,11 +56,13 @@ class InvalidCheck(Exception):
 class Checker:
     def __init__(self, *, store: CounterStore, resolver: PolicyResolver,
                  hasher: IdentifierHasher, metrics: NodeMetrics,
-                 clock: Clock = wall_clock_ms, authority: Authority | None = None) -> None:
+                 clock: Clock = wall_clock_ms, authority: Authority | None = None,
+                 leases: Leases | None = None) -> None:
         self.store = store
         self.resolver = resolver
         self.clock = clock
         self.authority = authority
+        self.leases = leases
         self._hash = hasher.hash
         self._metrics = metrics
         self._valid_namespaces: set[str] = set()
@@ -151,6 +160,8 @@ class Checker:
         """Decide a check ``resolve`` validated; counts it under ``protocol`` (http, grpc)."""
         if policy.mode == "consistent" and self.authority is not None:
             return self.authority.decide(namespace, key_hash, policy, cost, label, protocol)
+        if policy.mode == "lease" and self.leases is not None:
+            return self.leases.check(namespace, key_hash, policy, cost, label)
         decision = self.store.check(namespace, key_hash, policy, cost, now)
         self._metrics.count_check(label, decision.allowed, "local", protocol)
         if not decision.allowed and policy.shadow_mode:

@@ -47,12 +47,15 @@ class NodeSettings(BaseSettings):
     # One line per check costs about a third of the node's throughput and floods the log at
     # production rates: off unless asked for. Rejected requests are logged either way.
     access_log: bool = False
+    # Lease mode: a key unchecked this long gives its unused slice back.
+    lease_idle: str = "2s"
 
     @property
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
-    _intervals = field_validator("flush_interval", "snapshot_timeout")(check_interval)
+    _intervals = field_validator("flush_interval", "snapshot_timeout",
+                                 "lease_idle")(check_interval)
 
     @property
     def flush_interval_s(self) -> float:

@@ -290,9 +290,9 @@ def _policy_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--algorithm",
                         choices=["fixed_window", "sliding_window", "token_bucket"])
     parser.add_argument("--burst", type=int, help="token bucket capacity (default: limit)")
-    parser.add_argument("--mode", choices=["fast", "consistent"])
+    parser.add_argument("--mode", choices=["fast", "consistent", "lease"])
     parser.add_argument("--on-unavailable", choices=["open", "closed"])
-    parser.add_argument("--timeout", help="consistent mode: e.g. 250ms")
+    parser.add_argument("--timeout", help="consistent and lease mode: e.g. 250ms")
     parser.add_argument("--shadow-mode", action=argparse.BooleanOptionalAction,
                         help="count and bill every check but never deny")
 

@@ -435,3 +435,98 @@ def decode_consistent_decision(data: bytes) -> ConsistentDecision | None:
     return ConsistentDecision(allowed, _count(obj.get("remaining"), "remaining"),
                               _time(obj.get("reset_at"), "reset_at"),
                               None if retry is None else _count(retry, "retry"))
+
+
+# --- lease mode (node -> lease authority, request/reply) ----------------------------------
+
+LEASE_OPS = ("acquire", "return")
+MAX_DEMAND = 1_000_000_000_000  # cost per second; far above any real rate
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """A node asks for (``acquire``) or gives back (``return``) part of a key's budget.
+
+    ``used`` is what the node admitted from its slices in the window starting at
+    ``window_start`` (0 when it holds none); ``want`` the cost it needs now (0 for a
+    background refill), or for a return what it keeps of its unused slice; ``demand``
+    the cost per second its checks asked for lately.
+    """
+
+    op: str
+    namespace: str
+    key_hash: str
+    policy: Policy
+    node_id: str
+    region: str
+    window_start: int
+    used: int
+    seq: int  # grows with every request of the node: a late, older one is ignored
+    want: int = 0
+    demand: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """The node's new total for the window (not an increment, so a lost reply heals at
+    the next request), the window, how long the node may spend it from the moment it sent
+    the request, and how much of the budget nobody holds after this grant."""
+
+    granted: int
+    window_start: int
+    window_end: int
+    ttl_ms: int
+    free: int
+
+
+def encode_lease_request(request: LeaseRequest) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "lease", "op": request.op,
+                  "ns": request.namespace, "key": request.key_hash,
+                  "policy": _full_policy_fields(request.policy), "node": request.node_id,
+                  "region": request.region, "window": request.window_start,
+                  "used": request.used, "seq": request.seq, "want": request.want,
+                  "demand": request.demand})
+
+
+def decode_lease_request(data: bytes) -> LeaseRequest:
+    _, obj = _unpack(data, "lease", STATE_VERSION)
+    op = obj.get("op")
+    if op not in LEASE_OPS:
+        raise MalformedMessage("bad lease op")
+    policy = _full_policy(obj.get("policy"))
+    if policy.mode != "lease":
+        raise MalformedMessage("policy is not in lease mode")
+    want = _count(obj.get("want"), "want")
+    used = _count(obj.get("used"), "used")
+    if want > policy.capacity or used > policy.limit:
+        raise MalformedMessage("want or used above the limit")
+    demand = _count(obj.get("demand"), "demand")
+    if demand > MAX_DEMAND:
+        raise MalformedMessage("bad demand")
+    return LeaseRequest(
+        op=op, namespace=_namespace(obj.get("ns")),
+        key_hash=_key_hash(obj.get("key")), policy=policy,
+        node_id=_str(obj.get("node"), "node id"),
+        region=_str(obj.get("region"), "region", max_len=64),
+        window_start=_time(obj.get("window"), "window start"), used=used,
+        seq=_count(obj.get("seq"), "seq"), want=want, demand=demand)
+
+
+def encode_lease_grant(grant: LeaseGrant | None) -> bytes:
+    """``None`` tells the node the authority could not decide (it waits or falls back)."""
+    if grant is None:
+        return _pack({"v": STATE_VERSION, "t": "grant", "error": True})
+    return _pack({"v": STATE_VERSION, "t": "grant", "granted": grant.granted,
+                  "window": grant.window_start, "end": grant.window_end,
+                  "ttl": grant.ttl_ms, "free": grant.free})
+
+
+def decode_lease_grant(data: bytes) -> LeaseGrant | None:
+    _, obj = _unpack(data, "grant", STATE_VERSION)
+    if obj.get("error"):
+        return None
+    start, end = _time(obj.get("window"), "window start"), _time(obj.get("end"), "window end")
+    if end <= start:
+        raise MalformedMessage("bad window")
+    return LeaseGrant(_count(obj.get("granted"), "granted"), start, end,
+                      _count(obj.get("ttl"), "ttl"), _count(obj.get("free"), "free"))

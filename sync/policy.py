@@ -10,7 +10,7 @@ from sync.durations import Duration, parse_duration
 from sync.errors import InvalidField
 
 ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
-MODES = ("fast", "consistent")
+MODES = ("fast", "consistent", "lease")
 ON_UNAVAILABLE = ("open", "closed")
 MAX_LIMIT = 1_000_000_000_000
 DEFAULT_ALGORITHM = "sliding_window"
@@ -108,12 +108,15 @@ def build_policy(
         raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
     if shadow_mode is not None and not isinstance(shadow_mode, bool):
         raise InvalidField("shadow_mode", "shadow_mode must be true or false")
+    checked_mode = _choice(mode if mode is not None else "fast", "mode", MODES)
+    if checked_mode == "lease":
+        _check_sliceable(algo)
     return Policy(
         limit=checked_limit,
         duration=parsed,
         algorithm=algo,
         burst=checked_burst,
-        mode=_choice(mode if mode is not None else "fast", "mode", MODES),
+        mode=checked_mode,
         on_unavailable=_choice(
             on_unavailable if on_unavailable is not None else "open", "on_unavailable",
             ON_UNAVAILABLE,
@@ -121,6 +124,18 @@ def build_policy(
         timeout=timeout_d,
         shadow_mode=bool(shadow_mode),
     )
+
+
+def _check_sliceable(algorithm: str) -> None:
+    """Lease mode hands out slices of a window's budget: the algorithm says whether it has
+    one (sync/algorithms; see docs/lease-mode.md)."""
+    # Imported here: the algorithms import this module for Policy.
+    from sync.algorithms import ALGORITHMS as BY_NAME
+
+    if not BY_NAME[algorithm].sliceable:
+        sliceable = [name for name, each in BY_NAME.items() if each.sliceable]
+        raise InvalidField("algorithm", "mode lease works only with algorithm "
+                           + " or ".join(sliceable))
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:

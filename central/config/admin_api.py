@@ -36,7 +36,7 @@ class PolicyFields(Strict):
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
     algorithm: Algorithm | None = None
     burst: int | None = Field(default=None, ge=1)
-    mode: Literal["fast", "consistent"] | None = None
+    mode: Literal["fast", "consistent", "lease"] | None = None
     on_unavailable: Literal["open", "closed"] | None = None
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
     shadow_mode: bool | None = Field(default=None, description="Count and bill every check "
