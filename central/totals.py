@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from central.ledger_rows import BucketIncrement, ComponentRow
 from sync.algorithms import ALGORITHMS
@@ -45,6 +46,23 @@ class KeyWindow:
         return 0
 
 
+class TotalsObserver(Protocol):
+    """Told as key-windows change, so an index kept alongside (the snapshot index,
+    central/partitions/snapshot_index.py) never has to scan every key."""
+
+    def served(self, node_id: str, key: WindowKey) -> None:
+        """``node_id`` has its first component in ``key``."""
+
+    def blocked(self, key: WindowKey) -> None:
+        """``key`` became blocked."""
+
+    def unblocked(self, key: WindowKey) -> None:
+        """``key`` is no longer blocked (a newer policy raised its limit)."""
+
+    def removed(self, key: WindowKey, node_ids: list[str]) -> None:
+        """``key`` was pruned; ``node_ids`` had components in it."""
+
+
 @dataclass(slots=True)
 class MergeOutcome:
     raised: int = 0  # components whose maximum rose
@@ -53,8 +71,10 @@ class MergeOutcome:
 
 class GlobalTotals:
     def __init__(self, *, retention_ms: int,
-                 over_admission: dict[str, int] | None = None) -> None:
+                 over_admission: dict[str, int] | None = None,
+                 observer: TotalsObserver | None = None) -> None:
         self.retention_ms = retention_ms
+        self._observer = observer
         self.windows: dict[WindowKey, KeyWindow] = {}
         self._changed: set[WindowKey] = set()  # to broadcast at the next tick
         self._unsaved: set[tuple[WindowKey, str]] = set()  # components to commit
@@ -87,18 +107,24 @@ class GlobalTotals:
                 continue
             key = (entry.namespace, entry.key_hash, start)
             window = self.windows.get(key)
+            was_blocked = False
             if window is None:
                 window = self.windows[key] = KeyWindow(end, entry.policy, batch.flushed_at)
-            elif batch.flushed_at >= window.policy_at:
-                # The newest policy decides limit and window end (blocks last until it).
-                window.policy, window.policy_at = entry.policy, batch.flushed_at
-                window.window_end = end
+            else:
+                was_blocked = window.blocked_until > 0
+                if batch.flushed_at >= window.policy_at:
+                    # The newest policy decides limit and window end (blocks last until it).
+                    window.policy, window.policy_at = entry.policy, batch.flushed_at
+                    window.window_end = end
             component = window.components.get(batch.node_id)
             if component is None:
                 component = window.components[batch.node_id] = Component(batch.region)
+                if self._observer is not None:
+                    self._observer.served(batch.node_id, key)
             more_admitted = entry.admitted - component.admitted
             more_denied = entry.denied - component.denied
             if more_admitted <= 0 and more_denied <= 0:
+                self._note_block(key, window, was_blocked=was_blocked)
                 continue
             outcome.raised += 1
             bucket = self._increments.setdefault(
@@ -114,7 +140,17 @@ class GlobalTotals:
             self._changed.add(key)
             self._unsaved.add((key, batch.node_id))
             self._measure_over_admission(entry.namespace, window)
+            self._note_block(key, window, was_blocked=was_blocked)
         return outcome
+
+    def _note_block(self, key: WindowKey, window: KeyWindow, *, was_blocked: bool) -> None:
+        if self._observer is None:
+            return
+        blocked = window.blocked_until > 0
+        if blocked and not was_blocked:
+            self._observer.blocked(key)
+        elif was_blocked and not blocked:
+            self._observer.unblocked(key)
 
     def _measure_over_admission(self, namespace: str, window: KeyWindow) -> None:
         if not ALGORITHMS[window.policy.algorithm].blocks:
@@ -147,16 +183,13 @@ class GlobalTotals:
         self._changed.clear()
         return changed
 
-    def live_keys(self, now: int) -> list[WindowKey]:
-        """Key-windows that can still affect a decision (sliding: one window longer)."""
-        live = []
-        for key, window in self.windows.items():
-            past_windows = ALGORITHMS[window.policy.algorithm].past_windows
-            horizon = window.window_end + past_windows * window.policy.duration.ms
-            if horizon > now:
-                live.append(key)
-        live.sort()
-        return live
+    def is_live(self, key: WindowKey, now: int) -> bool:
+        """The key-window can still affect a decision (sliding: one window longer)."""
+        window = self.windows.get(key)
+        if window is None:
+            return False
+        past_windows = ALGORITHMS[window.policy.algorithm].past_windows
+        return window.window_end + past_windows * window.policy.duration.ms > now
 
     # --- persisting --------------------------------------------------------------------
 
@@ -208,19 +241,27 @@ class GlobalTotals:
                                   algorithm=row.algorithm, burst=row.burst)
             key = (row.namespace, row.key_hash, row.window_start)
             window = self.windows.get(key)
+            was_blocked = False
             if window is None:
                 end = window_end(policy.duration, row.window_start)
                 window = self.windows[key] = KeyWindow(end, policy, row.updated_at)
-            elif row.updated_at >= window.policy_at:
-                window.policy, window.policy_at = policy, row.updated_at
+            else:
+                was_blocked = window.blocked_until > 0
+                if row.updated_at >= window.policy_at:
+                    window.policy, window.policy_at = policy, row.updated_at
             window.components[row.node_id] = Component(row.region, row.admitted, row.denied)
             window.total += row.admitted
             window.over = max(0, window.total - window.policy.limit)
             self._changed.add(key)
+            if self._observer is not None:
+                self._observer.served(row.node_id, key)
+            self._note_block(key, window, was_blocked=was_blocked)
 
     def prune(self, now: int) -> int:
         expired = [key for key, w in self.windows.items()
                    if w.window_end + self.retention_ms <= now]
         for key in expired:
-            del self.windows[key]
+            window = self.windows.pop(key)
+            if self._observer is not None:
+                self._observer.removed(key, list(window.components))
         return len(expired)

@@ -41,6 +41,10 @@ class UsageBatch:
     region: str
     flushed_at: int
     entries: list[UsageEntry]
+    # The sending node listens for totals addressed to it (regionlimit.totals.node.<id>)
+    # and on the partition subjects. Absent from a previous release's batches: central
+    # then keeps the shared totals subject going for it (central/totals_routing.py).
+    addressed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +184,7 @@ def encode_usage(batch: UsageBatch) -> bytes:
     return _pack({
         "v": USAGE_VERSION, "t": "usage", "node": batch.node_id, "region": batch.region,
         "sent": batch.flushed_at, "policies": [_policy_fields(p) for p in policies],
-        "entries": rows,
+        "entries": rows, **({"addr": True} if batch.addressed else {}),
     })
 
 
@@ -202,6 +206,11 @@ def decode_usage(data: bytes) -> UsageBatch:
     rows = obj.get("entries")
     if not isinstance(rows, list):
         raise MalformedMessage("bad entries")
+    # An optional field of version 2 (a previous central ignores it, so a node of this
+    # release is still counted by it).
+    addressed = obj.get("addr", False)
+    if not isinstance(addressed, bool):
+        raise MalformedMessage("bad addressed mark")
     if version >= 2:
         raw_policies = obj.get("policies")
         if not isinstance(raw_policies, list):
@@ -230,7 +239,7 @@ def decode_usage(data: bytes) -> UsageBatch:
             denied=_count(row[4], "denied"),
             policy=policy,
         ))
-    return UsageBatch(node_id, region, flushed_at, entries)
+    return UsageBatch(node_id, region, flushed_at, entries, addressed)
 
 
 # --- totals and snapshots (central -> nodes, core NATS) -----------------------------------
