@@ -19,7 +19,6 @@ import nats
 import pytest
 
 from central.ingest import SNAPSHOT_PAGE
-from sync.listener import PARTITION_TOTALS
 from sync.messages import (
     KeyTotal,
     SnapshotRequest,
@@ -37,6 +36,7 @@ from sync.subjects import SNAPSHOT, usage_subject
 from tests.support.cluster import HOUR_MS, Cluster, avoid_window_boundary, metric_value, wait_until
 from tests.support.nats_server import NatsServer
 
+PARTITION_TOTALS = "regionlimit.totals.part.*"  # sync/listener.py
 POLICY = build_policy(limit=1000, duration="1h", algorithm="fixed_window")
 OTHERS, MINE, BLOCKED = 100_000, 3_000, 5
 PER_MESSAGE = 2_000
