@@ -230,7 +230,8 @@ class GlobalTotals:
     # --- loading and pruning -----------------------------------------------------------
 
     def load(self, rows: Iterable[ComponentRow]) -> None:
-        """Rebuild from the ledger (a new leader); replaces the in-memory state."""
+        """Rebuild from the ledger (a new leader); replaces the in-memory state. The
+        observer is told of the loaded keys only: give a rebuilt table a new observer."""
         self.windows.clear()
         self.load_more(rows)
 
