@@ -116,12 +116,13 @@ def test_a_snapshot_pages_exactly_the_nodes_keys_and_the_blocked_ones(cluster: C
         assert len(snapshot) == SNAPSHOT_PAGE and cursor is not None
         sent_early = snapshot[0].key_hash
 
-        # Between two pages: B pushes a key A already got past the share (hot: to A),
-        # and A starts serving a new key (cold).
-        await js.publish(usage_subject("hand"), encode_usage(UsageBatch(
-            "b-1", "hand", now + 1, [entry(sent_early, 600)])))
+        # Between two pages: A starts serving a new key (cold), then B pushes a key A
+        # already got past the share (hot: to A). Central merges in stream order, so once
+        # the hot total reached A, the new key is in A's index.
         await js.publish(usage_subject("hand"), encode_usage(UsageBatch(
             "a-1", "hand", now + 1, [entry(key("d", 0), 1)])))
+        await js.publish(usage_subject("hand"), encode_usage(UsageBatch(
+            "b-1", "hand", now + 1, [entry(sent_early, 600)])))
         await asyncio.wait_for(raised.wait(), timeout=60)
         update = next(t for t in received if t.total == 601)
         assert (update.key_hash, update.components) == (sent_early, {"a-1": 1, "b-1": 600})
