@@ -12,12 +12,28 @@ tick's totals in order on one connection, so a total for k would have reached C 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
+from nats.aio.msg import Msg
 
+from sync.messages import (
+    KeyTotal,
+    UsageBatch,
+    UsageEntry,
+    decode_totals,
+    encode_usage,
+    encode_usage_v1,
+)
+from sync.partitions import node_totals_subject
+from sync.policy import build_policy
+from sync.publisher import ensure_usage_stream
+from sync.subjects import TOTALS, usage_subject
 from tests.support.cluster import (
     HOUR_MS,
     Cluster,
@@ -124,3 +140,52 @@ def test_a_node_holds_the_keys_it_serves_not_every_key(cluster: Cluster) -> None
     # 300 served + the blocked sentinel, on every node (before: 900 + 1 each).
     assert [metric(n, "regionlimit_active_keys") for n in nodes] == [301, 301, 301]
     assert [metric(n, "regionlimit_totals_ignored_total") for n in nodes] == [0, 0, 0]
+
+
+def test_a_previous_release_node_still_gets_totals_on_the_shared_subject(
+        cluster: Cluster) -> None:
+    """Rollout: usage without the ``addr`` mark (here version 1, as a node one release
+    behind sends) makes central send what it sends anywhere on ``regionlimit.totals``
+    too, where such a node listens; a node of this release gets it on its own subject."""
+    cluster.central()
+    avoid_window_boundary(HOUR_MS, span_s=120)
+    now = int(time.time() * 1000)
+    policy = build_policy(limit=1000, duration="1h", algorithm="fixed_window")
+    start = now - now % HOUR_MS
+    old_key, new_key = "e" * 32, "f" * 32
+
+    async def run() -> tuple[list[KeyTotal], list[KeyTotal]]:
+        nc = await nats.connect(cluster.nats.url)
+        shared: list[KeyTotal] = []
+        addressed: list[KeyTotal] = []
+        complete = asyncio.Event()
+
+        def check_complete() -> None:
+            if ({old_key, new_key} <= {t.key_hash for t in shared}
+                    and new_key in {t.key_hash for t in addressed}):
+                complete.set()
+
+        async def on_shared(msg: Msg) -> None:
+            shared.extend(decode_totals(msg.data).totals)
+            check_complete()
+
+        async def on_addressed(msg: Msg) -> None:
+            addressed.extend(decode_totals(msg.data).totals)
+            check_complete()
+
+        await nc.subscribe(TOTALS, cb=on_shared)
+        await nc.subscribe(node_totals_subject("us-new-1"), cb=on_addressed)
+        js = nc.jetstream()
+        await ensure_usage_stream(js)
+        await js.publish(usage_subject("us"), encode_usage_v1(UsageBatch(
+            "us.old-host.1", "us", now, [UsageEntry("rollout", old_key, start, 600, 0,
+                                                    policy)])))
+        await js.publish(usage_subject("us"), encode_usage(UsageBatch(
+            "us-new-1", "us", now, [UsageEntry("rollout", new_key, start, 700, 0, policy)])))
+        await asyncio.wait_for(complete.wait(), timeout=30)
+        await nc.close()
+        return shared, addressed
+
+    shared, addressed = asyncio.run(run())
+    assert {t.key_hash: t.total for t in shared} == {old_key: 600, new_key: 700}
+    assert {t.key_hash: t.total for t in addressed} == {new_key: 700}

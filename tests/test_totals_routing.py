@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
+from central.settings import CentralSettings
 from central.totals_routing import LEGACY_QUIET_MS, TotalsRouter
 from sync.messages import KeyTotal, UsageBatch
 from sync.partitions import node_totals_subject, partition_of, partition_totals_subject
@@ -62,3 +66,14 @@ def test_previous_release_nodes_get_the_shared_subject_while_they_send_usage() -
     router.legacy.saw(UsageBatch("n", "eu", NOW, [], addressed=False))
     router.legacy.saw(UsageBatch("n", "eu", NOW, [], addressed=True))
     assert not router.legacy.active(NOW)
+
+
+def test_central_reads_the_share_and_the_partition_count(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    monkeypatch.setenv("REGIONLIMIT_BROADCAST_SHARE", "0.25")
+    monkeypatch.setenv("REGIONLIMIT_PARTITIONS", "4")
+    settings = CentralSettings()
+    assert (settings.broadcast_share, settings.partitions) == (0.25, 4)
+    monkeypatch.setenv("REGIONLIMIT_BROADCAST_SHARE", "1.5")
+    with pytest.raises(ValidationError, match="broadcast_share"):
+        CentralSettings()
