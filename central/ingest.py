@@ -54,8 +54,8 @@ class LeaderIngest:
                  totals: GlobalTotals, metrics: CentralMetrics, clock: Clock,
                  commit_interval: float, tick_interval: float,
                  config: Callable[[], Awaitable[ConfigUpdate | None]],
+                 snapshot_index: SnapshotIndex[WindowKey],
                  rollup: RollupJob | None = None,
-                 snapshot_index: SnapshotIndex[WindowKey] | None = None,
                  router: TotalsRouter | None = None) -> None:
         self._nc = nc
         self._js = js or nc.jetstream()
@@ -68,8 +68,9 @@ class LeaderIngest:
         self._tick_interval = tick_interval
         self._config = config
         self._rollup = rollup
-        # Fed by ``totals`` (its observer) as keys change; see central/partitions/.
-        self._index: SnapshotIndex[WindowKey] = snapshot_index or SnapshotIndex()
+        # Required, not defaulted: it must be the observer ``totals`` was built with (an
+        # index nothing feeds would answer every snapshot with nothing).
+        self._index = snapshot_index
         self._router = router or TotalsRouter(share=DEFAULT_BROADCAST_SHARE,
                                               partitions=DEFAULT_PARTITIONS)
         self._unacked: list[Msg] = []
