@@ -26,8 +26,23 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-_PHASES = 2  # cursor = seq * 2 + phase: phase 0 the node's own keys, 1 the blocked keys
+# cursor = value * 4 + phase. Phase 0: the node's own keys, value = seq in its log.
+# Phase 1: the blocked keys the node does not serve, value = blocked seq << 24 | where
+# the node's log ended when phase 0 did. Phase 3: the node's keys appended since (it
+# started serving them during the snapshot), value = seq in its log. Phase 2 is phase 1
+# when the two numbers do not fit (huge logs): phase 3 then starts from the log's start
+# and may send keys again (harmless: nodes merge by maximum). Cursors stay below 2**53
+# (the wire's count limit).
+_PHASES = 4
+_OWN_BITS = 24
+_BLOCKED_MAX = 1 << 27  # 27 + 24 + 2 bits < 53
 _COMPACT_SHARE = 0.5  # compact a log once half its entries are tombstones
+
+
+def _blocked_cursor(blocked_seq: int, own_end: int) -> int:
+    if own_end < 1 << _OWN_BITS and blocked_seq < _BLOCKED_MAX:
+        return ((blocked_seq << _OWN_BITS) | own_end) * _PHASES + 1
+    return blocked_seq * _PHASES + 2
 
 
 @dataclass(slots=True)
@@ -128,24 +143,40 @@ class SnapshotIndex(Generic[K]):
         seq, phase = divmod(cursor, _PHASES)
         own = self._served.get(node_id)
         found: list[K] = []
+        own_end = 0  # phase 0 covered the node's log below this seq
         if phase == 0:
             if own is not None:
                 found, resume, _ = own.page(seq, limit)
                 if resume is not None:
                     return SnapshotPageKeys(found, resume * _PHASES)
+                own_end = own.next_seq
             phase, seq = 1, 0
+        elif phase == 1:
+            seq, own_end = divmod(seq, 1 << _OWN_BITS)
+        if phase in (1, 2):
+            while True:
+                budget = limit - len(found)
+                if budget <= 0:
+                    return SnapshotPageKeys(found, _blocked_cursor(seq, own_end))
+                blocked, resume, _ = self._blocked.page(seq, budget)
+                # A key the node serves goes out from its own log: in phase 0, or in
+                # phase 3 if it started serving it after phase 0 passed.
+                fresh = [k for k in blocked if own is None or k not in own.where]
+                found += fresh
+                if resume is None:
+                    break
+                seq = resume
+                if len(fresh) < len(blocked):
+                    # Skipped keys: end the page here rather than loop on, so a page
+                    # never costs more than twice its size.
+                    return SnapshotPageKeys(found, _blocked_cursor(seq, own_end))
+            seq = own_end
+        own = self._served.get(node_id)
+        if own is None:
+            return SnapshotPageKeys(found, None)
         budget = limit - len(found)
-        while budget > 0:
-            blocked, resume, _ = self._blocked.page(seq, budget)
-            # Keys the node served went out in phase 0 already.
-            fresh = [k for k in blocked if own is None or k not in own.where]
-            found += fresh
-            budget -= len(fresh)
-            if resume is None:
-                return SnapshotPageKeys(found, None)
-            seq = resume
-            if len(fresh) < len(blocked):
-                # Skipped duplicates: end the page here rather than loop on, so a page
-                # never costs more than twice its size.
-                break
-        return SnapshotPageKeys(found, seq * _PHASES + 1)
+        if budget <= 0:
+            return SnapshotPageKeys(found, seq * _PHASES + 3)
+        more, resume, _ = own.page(seq, budget)
+        found += more
+        return SnapshotPageKeys(found, None if resume is None else resume * _PHASES + 3)
