@@ -118,3 +118,24 @@ def test_paging_returns_what_the_node_needs(ops: list[tuple], limit: int,
     # removed and needed again is a new key, sent live).
     assert throughout & after <= set(got)
     assert set(got) <= before | after | touched
+
+
+def test_a_blocked_key_the_node_starts_serving_mid_snapshot_still_comes() -> None:
+    index: SnapshotIndex[str] = SnapshotIndex()
+    index.served("a", "mine")
+    index.blocked("blocked")
+    first = index.page("a", 0, 1)
+    assert first.keys == ["mine"] and first.next_cursor is not None
+    index.served("a", "blocked")  # after phase 0 passed the end of a's log
+    rest = all_pages_from(index, "a", first.next_cursor, 1)
+    assert rest == ["blocked"]
+
+
+def all_pages_from(index: SnapshotIndex[str], node: str, cursor: int | None, limit: int
+                   ) -> list[str]:
+    keys: list[str] = []
+    while cursor is not None:
+        page = index.page(node, cursor, limit)
+        keys += page.keys
+        cursor = page.next_cursor
+    return keys
