@@ -1,4 +1,6 @@
-"""The compact component table alone: bytes per component and merges/s, by key count.
+"""The compact component table: bytes per component and merges/s, by key count; and the
+whole of central's in-memory state (``GlobalTotals``: the table plus its per-key-window
+side table), fed decoded usage batches as the leader is.
 
     .venv/bin/python -m bench.component_table [--keys 100000,1000000]
 
@@ -19,6 +21,9 @@ import tracemalloc
 
 from bench._cluster import load_after, machine
 from central.partitions.components import ComponentTable
+from central.totals import GlobalTotals
+from sync.messages import UsageBatch, UsageEntry
+from sync.policy import build_policy
 
 
 def rates(hashes: list[str]) -> tuple[float, float]:
@@ -74,6 +79,30 @@ def run(count: int) -> None:
           f"checkpoint {checkpointed:,.0f} rows/s (component + its bucket)")
 
 
+def run_totals(count: int) -> None:
+    """Central's whole in-memory state per cold component (one component per key)."""
+    policy = build_policy(limit=1000, duration="month", algorithm="fixed_window")
+    start = 1_764_547_200_000
+    now = start + 3_600_000
+    batches = [UsageBatch("node-us", "us", now, [
+        UsageEntry("api", hashlib.blake2b(f"k{i}".encode(), digest_size=16).hexdigest(),
+                   start, 1, 0, policy) for i in range(first, min(count, first + 1000))])
+        for first in range(0, count, 1000)]
+    gc.collect()
+    tracemalloc.start()
+    traced_before = tracemalloc.get_traced_memory()[0]
+    totals = GlobalTotals(retention_ms=7 * 86_400_000)
+    for usage in batches:
+        totals.merge(usage, now)
+    totals.take_unsaved(now)  # checkpointed: no dirty state left
+    totals.take_changed()
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0] - traced_before
+    tracemalloc.stop()
+    print(f"{count:>9,} components in GlobalTotals: {traced / count:6.0f} B traced per "
+          f"component (table + key-window side table)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", default="100000,1000000")
@@ -81,6 +110,7 @@ def main() -> None:
     print(machine())
     for count in (int(k) for k in args.keys.split(",")):
         run(count)
+        run_totals(count)
     print(load_after())
 
 

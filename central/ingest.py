@@ -1,12 +1,25 @@
-"""The leader's work: consume usage, merge it, commit it, then ack; broadcast totals and
-block decisions every tick; answer snapshots; prune expired windows."""
+"""The leader's work: consume usage, merge it, checkpoint it, then ack; broadcast totals
+and block decisions every tick; answer snapshots; prune expired windows.
+
+Ingest and checkpoints are separate tasks. Ingest merges each message into memory
+(``GlobalTotals``, which numbers it) and keeps it unacked. The checkpoint task, every
+``checkpoint_interval``, writes what is dirty in bounded batches (``checkpoint_batch``
+rows and buckets each) and after each durable batch acks exactly the messages whose
+merges are all durable (``durable_through``). A crash at any point loses nothing: what
+was not acked is redelivered, and what was written raises nothing when merged again.
+Backpressure: while dirty rows and buckets reach ``max_dirty`` (or unacked messages
+``MAX_UNACKED``), ingest stops fetching; JetStream holds the rest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -20,7 +33,7 @@ from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
 from central.partitions.snapshot_index import SnapshotIndex
-from central.totals import GlobalTotals, WindowKey
+from central.totals import CheckpointBatch, GlobalTotals, WindowKey
 from central.totals_routing import TotalsRouter
 from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion
@@ -40,12 +53,15 @@ from sync.subjects import SNAPSHOT, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 
 log = logging.getLogger("regionlimit.central")
 FETCH_BATCH = 500
-MAX_UNACKED = 20_000  # commit early rather than hold more messages than this
+MAX_UNACKED = 20_000  # stop fetching rather than hold more messages than this
 ACK_WAIT_S = 60.0
 NEWER_VERSION_RETRY_S = 30.0
 TOTALS_PER_MESSAGE = 2000
 SNAPSHOT_PAGE = 2000
 PRUNE_INTERVAL_S = 60.0
+# Test-only crash points of the checkpoint task (REGIONLIMIT_TEST_CRASH_AT): the process
+# kills itself there with SIGKILL, so tests can check replay after a crash at each step.
+CRASH_POINTS = ("before_write", "after_write", "mid_batch")
 
 
 class LeaderIngest:
@@ -56,7 +72,9 @@ class LeaderIngest:
                  config: Callable[[], Awaitable[ConfigUpdate | None]],
                  snapshot_index: SnapshotIndex[WindowKey],
                  rollup: RollupJob | None = None,
-                 router: TotalsRouter | None = None) -> None:
+                 router: TotalsRouter | None = None, max_dirty: int = 200_000,
+                 checkpoint_batch: int = 5000, ack_wait: float = ACK_WAIT_S,
+                 crash_at: str = "") -> None:
         self._nc = nc
         self._js = js or nc.jetstream()
         self._stream_limits = stream_limits or StreamLimits()
@@ -73,7 +91,14 @@ class LeaderIngest:
         self._index = snapshot_index
         self._router = router or TotalsRouter(share=DEFAULT_BROADCAST_SHARE,
                                               partitions=DEFAULT_PARTITIONS)
-        self._unacked: list[Msg] = []
+        self._max_dirty = max_dirty
+        self._checkpoint_batch = checkpoint_batch
+        self._crash_at = crash_at
+        self._ack_wait = ack_wait
+        self._unacked: deque[tuple[int, Msg]] = deque()  # (merge seq, message), by seq
+        self._room = asyncio.Event()  # set while ingest may fetch (backpressure)
+        self._room.set()
+        # Checkpoints and pruning (which rebuilds the component table) take turns.
         self._commit_lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -81,10 +106,10 @@ class LeaderIngest:
         await ensure_usage_stream(self._js, limits=self._stream_limits, update=True)
         sub = await self._js.pull_subscribe(
             USAGE_SUBJECTS, durable=USAGE_CONSUMER, stream=USAGE_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ack_wait,
                                   max_deliver=-1, max_ack_pending=MAX_UNACKED * 2))
         snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
-        loops = [self._consume(sub), self._commit_forever(), self._tick_forever(),
+        loops = [self._consume(sub), self._checkpoint_forever(), self._tick_forever(),
                  self._prune_forever()]
         if self._rollup is not None:  # usage rollups and retention (central/billing/rollups.py)
             loops.append(self._rollup.run_forever(self._clock))
@@ -102,10 +127,16 @@ class LeaderIngest:
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
-            if len(self._unacked) >= MAX_UNACKED:
-                await self.commit()
+            room = self._fetch_room()
+            if room <= 0:
+                # Backpressure: the checkpoint task sets the event once it made room.
+                self._room.clear()
+                self._metrics.ingest_paused.set(1)
+                await self._room.wait()
+                self._metrics.ingest_paused.set(0)
+                continue
             try:
-                messages = await sub.fetch(FETCH_BATCH, timeout=1.0)
+                messages = await sub.fetch(min(FETCH_BATCH, room), timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:
@@ -116,6 +147,11 @@ class LeaderIngest:
                 continue
             for msg in messages:
                 await self._ingest(msg)
+
+    def _fetch_room(self) -> int:
+        """How many more messages ingest may fetch now: each raises at least one row, so
+        the room left under ``max_dirty`` bounds it, as does ``MAX_UNACKED``."""
+        return min(self._max_dirty - self._totals.unsaved, MAX_UNACKED - len(self._unacked))
 
     async def _ingest(self, msg: Msg) -> None:
         self._metrics.batches.inc()
@@ -141,48 +177,101 @@ class LeaderIngest:
             await msg.ack()
             return
         self._router.legacy.saw(batch)  # whether its node needs the shared totals subject
+        if batch.invalid_entries:
+            self._metrics.malformed.inc(batch.invalid_entries)
+            log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
+                        batch.invalid_entries, msg.subject, batch.invalid_reason,
+                        len(batch.entries))
         self._metrics.ingested.inc(len(batch.entries))
         for reason, count in outcome.rejected.items():
             self._metrics.rejected.labels(reason).inc(count)
-        self._unacked.append(msg)
+        self._unacked.append((outcome.seq, msg))
 
-    # --- commit ------------------------------------------------------------------------
+    # --- checkpoint -------------------------------------------------------------------
 
-    async def _commit_forever(self) -> None:
+    async def _checkpoint_forever(self) -> None:
+        # A checkpoint starts every interval, or right after the previous one when that
+        # took longer: the interval is the period, not the pause between checkpoints.
+        loop = asyncio.get_running_loop()
+        took = 0.0
         while True:
-            await asyncio.sleep(self._commit_interval)
+            await asyncio.sleep(max(0.0, self._commit_interval - took))
+            started = loop.time()
             await self.commit()
+            took = loop.time() - started
 
     async def commit(self) -> None:
-        """Persist what was merged, then ack the messages it came from. A failed write
-        keeps both for the next attempt; JetStream redelivers meanwhile, harmlessly."""
+        """One checkpoint: write what is owed now, in bounded batches, acking after each
+        durable batch. A failed write keeps its batch owed for the next checkpoint (its
+        messages stay unacked; JetStream redelivers them meanwhile, harmlessly)."""
         async with self._commit_lock:
-            rows, increments = self._totals.take_unsaved(self._clock())
-            messages, self._unacked = self._unacked, []
-            if not rows and not increments and not messages:
-                return
-            started = time.perf_counter()
-            try:
-                quarantined = await self._ledger.write(rows, increments, now=self._clock())
-            except Exception as exc:
-                self._totals.return_unsaved(rows, increments)
-                self._unacked = messages + self._unacked
-                self._metrics.commit_failures.inc()
-                self._metrics.unsaved.set(self._totals.unsaved)
-                log.warning("ledger commit failed (%s); will retry", type(exc).__name__)
-                if isinstance(exc, LeadershipLost):
-                    raise
-                return
-            if quarantined:
-                # The rest of the batch committed; the refused rows wait in the table.
-                self._metrics.quarantined.inc(quarantined)
-                log.error("ledger refused %d rows; they are in usage_quarantine",
-                          quarantined)
-            self._metrics.commit_seconds.observe(time.perf_counter() - started)
+            # Rows dirtied while this checkpoint runs wait for the next one, so a row is
+            # written at most once per checkpoint however often it rose.
+            owed = self._totals.unsaved
+            written = 0
+            while written < owed:
+                batch = self._totals.take_checkpoint(
+                    max_rows=self._checkpoint_batch, max_buckets=self._checkpoint_batch,
+                    now=self._clock())
+                if not len(batch):
+                    self._totals.confirm(batch)
+                    break
+                self._crash_point("before_write")
+                if not await self._write(batch):
+                    return
+                self._crash_point("after_write")
+                self._totals.confirm(batch)
+                written += len(batch)
+                await self._ack_durable()
+                if written < owed:
+                    self._crash_point("mid_batch")
+            await self._ack_durable()  # messages that raised nothing
+
+    async def _write(self, batch: CheckpointBatch) -> bool:
+        started = time.perf_counter()
+        try:
+            quarantined = await self._ledger.write(batch.rows, batch.increments,
+                                                   now=self._clock())
+        except Exception as exc:
+            self._totals.release(batch)
+            self._metrics.commit_failures.inc()
             self._metrics.unsaved.set(self._totals.unsaved)
-            for msg in messages:
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.ack()
+            log.warning("ledger checkpoint failed (%s); will retry", type(exc).__name__)
+            if isinstance(exc, LeadershipLost):
+                raise
+            return False
+        if quarantined:
+            # The rest of the batch committed; the refused rows wait in the table.
+            self._metrics.quarantined.inc(quarantined)
+            log.error("ledger refused %d rows; they are in usage_quarantine", quarantined)
+        self._metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._metrics.checkpoint_rows.observe(len(batch))
+        return True
+
+    async def _ack_durable(self) -> None:
+        """Ack every message whose merges are all durable, then let ingest go on if it
+        waited for room."""
+        durable = self._totals.durable_through()
+        unacked = self._unacked
+        acked = 0
+        while unacked and unacked[0][0] <= durable:
+            _, msg = unacked.popleft()
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+                acked += 1
+        if acked:
+            # Out of the client's buffer now: an ack lost in a crash only costs a
+            # harmless redelivery, but prompt acks keep the stream's pending count true.
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._nc.flush(timeout=2)
+        self._metrics.unsaved.set(self._totals.unsaved)
+        if self._fetch_room() > 0:
+            self._room.set()
+
+    def _crash_point(self, point: str) -> None:
+        if self._crash_at == point:
+            log.error("test crash point %s reached: killing this process", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # --- broadcast ---------------------------------------------------------------------
 
@@ -234,7 +323,8 @@ class LeaderIngest:
         while True:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             now = self._clock()
-            self._totals.prune(now)
+            async with self._commit_lock:  # no checkpoint in flight while rows move
+                self._totals.prune(now)
             retained = now - self._totals.retention_ms
             try:
                 pruned = await self._ledger.prune_components(window_end_before=retained)

@@ -1,21 +1,26 @@
 """Who among the central replicas is the leader: the one that ingests usage.
 
 On Postgres the lease is a session-level advisory lock held on one dedicated
-connection. The lock lives exactly as long as that session, so the lease's writes go
-through the same connection and are fenced: each write transaction first verifies, in
-the same session, that the lock is still held. A deposed leader (its session killed,
-its network cut) therefore fails its writes instead of committing next to the new
-leader's; SQLAlchemy's silent reconnect after an invalidated connection cannot sneak a
-lock-less session in, because that new session would fail the check.
+connection, which does nothing but hold the lock and answer probes, so a slow ledger
+write can never make a probe late. Writes run on pooled connections and are fenced by a
+**term** (table ``partition_leases``): on taking the lock, the new leader raises the
+term of its partition and keeps the new value; each write transaction first reads the
+term ``FOR SHARE`` and checks that the lock's session still holds the lock, and aborts
+with ``LeadershipLost`` unless both hold. The row lock makes the two exclude each other:
+the new leader's raise waits for an old leader's write in flight, and every later write
+of the old leader sees a higher term. A deposed leader (its session killed, its network
+cut, its lock released) therefore fails its writes instead of committing next to the new
+leader's.
 
 A session survives a frozen leader (SIGSTOP, a VM pause: the kernel keeps the TCP session
 alive) and, for minutes, a partition. So the lease is also renewed: the holder polls it
 every second (check()), which Postgres records as the session's last state change. A
 standby that finds the lock held by a session idle for longer than ``stale_after``
 terminates that session (pg_terminate_backend; same database role), which frees the lock
-and fences the old leader: once resumed, its next write runs on a dead session and fails.
-On a partition, the lease session's TCP keepalives and tcp_user_timeout (set per
-session) make Postgres drop it within seconds as well.
+and fences the old leader. On a partition, the lease session's TCP keepalives and
+tcp_user_timeout (set per session) make Postgres drop it within seconds as well; a write
+transaction left open by a frozen leader ends after ``stale_after`` idle
+(idle_in_transaction_session_timeout), so it cannot hold the term's row lock forever.
 
 On SQLite there is nothing to coordinate with: the lease is always granted. SQLite
 therefore supports exactly one central replica; run Postgres for more.
@@ -44,7 +49,7 @@ _HOLDS_LOCK = text(
     SELECT EXISTS (
         SELECT 1 FROM pg_locks
         WHERE locktype = 'advisory'
-          AND pid = pg_backend_pid()
+          AND pid = COALESCE(:pid, pg_backend_pid())
           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND classid = :classid AND objid = :objid AND objsubid = 1
           AND granted
@@ -52,6 +57,16 @@ _HOLDS_LOCK = text(
     """
 )
 
+# The term of a partition's lease, read under a share lock by every write (see above).
+_TERM_FOR_SHARE = text(
+    "SELECT term FROM partition_leases WHERE partition = :partition FOR SHARE")
+_RAISE_TERM = text(
+    """
+    INSERT INTO partition_leases (partition, term) VALUES (:partition, 1)
+    ON CONFLICT (partition) DO UPDATE SET term = partition_leases.term + 1
+    RETURNING term
+    """
+)
 
 # The holder's session: its lock, its backend and how long since it last did anything.
 _HOLDER = text(
@@ -83,8 +98,9 @@ class LeadershipLost(RuntimeError):
 class LeaderLease:
     """A non-blocking, pollable leader lease (see the module docstring).
 
-    All use of the held connection is serialized by an internal mutex: one asyncpg
-    connection runs one operation at a time.
+    All use of the held connection (acquire, probe, release) is serialized by an
+    internal mutex: one asyncpg connection runs one operation at a time. Writes do not
+    use it (see ``transaction``).
     """
 
     def __init__(
@@ -92,11 +108,15 @@ class LeaderLease:
         engine: AsyncEngine,
         *,
         key: int = LEADER_LOCK_KEY,
+        partition: int = 0,
         check_timeout: float = 5.0,
         stale_after: float = 10.0,
     ) -> None:
         self._engine = engine
         self._key = key
+        self._partition = partition
+        self._term = 0
+        self._holder_pid = 0
         self._check_timeout = check_timeout
         self._stale_after = stale_after
         self._exclusive = engine.dialect.name == "postgresql"
@@ -147,6 +167,15 @@ class LeaderLease:
                             await connection.execute(
                                 text("SELECT set_config(:name, :value, false)"),
                                 {"name": name, "value": str(value)})
+                        # Waits for a deposed leader's write in flight (it holds the
+                        # term's row FOR SHARE), but not forever.
+                        await connection.execute(
+                            text("SELECT set_config('lock_timeout', :ms, true)"),
+                            {"ms": str(int(self._stale_after * 2000))})
+                        term = (await connection.execute(
+                            _RAISE_TERM, {"partition": self._partition})).scalar_one()
+                        pid = (await connection.execute(
+                            text("SELECT pg_backend_pid()"))).scalar_one()
                 if got:
                     raw = await connection.get_raw_connection()
             except BaseException:
@@ -160,8 +189,10 @@ class LeaderLease:
             # connection sits idle (not "idle in transaction") while it holds the lease.
             self._driver_connection = raw.driver_connection
             self._connection = connection
+            self._term, self._holder_pid = int(term), int(pid)
             self._granted = True
-            log.info("leader lease acquired (advisory lock %#x)", self._key)
+            log.info("leader lease acquired (advisory lock %#x, term %d)", self._key,
+                     self._term)
             return True
 
     async def wait_acquired(self, poll_interval: float = 1.0) -> None:
@@ -214,33 +245,38 @@ class LeaderLease:
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """A transaction that commits only while the lease is held.
 
-        On Postgres it runs on the lock-holding connection after verifying the lock in the
-        same transaction; if the session dies before the commit, the commit fails. Raises
-        LeadershipLost when the lease is not held or the connection is gone. Errors of
-        the caller's statements (constraint violations...) roll back and propagate
-        unchanged, leaving the lease held.
+        On Postgres it runs on a pooled connection (never queued behind a probe, nor a
+        probe behind it) after reading the partition's term FOR SHARE and checking that
+        the lock's session still holds the lock. Raises LeadershipLost when the lease is
+        not held, the term moved on or the lock is gone. Errors of the caller's
+        statements (constraint violations, a lost pooled connection) roll back and
+        propagate unchanged, leaving the lease held.
         """
-        async with self._mutex:
-            if not self._granted:
-                raise LeadershipLost("leader lease not held")
-            connection = self._connection
-            if connection is None:
-                async with self._engine.begin() as own:
-                    yield own
-                return
-            try:
-                async with connection.begin():
-                    if not await self._holds_lock(connection):
-                        raise LeadershipLost("advisory lock no longer held by this session")
-                    yield connection
-            except LeadershipLost:
-                await self._lose()
-                raise
-            except DBAPIError as exc:
-                if exc.connection_invalidated or connection.invalidated:
+        if not self._granted:
+            raise LeadershipLost("leader lease not held")
+        if not self._exclusive:
+            async with self._engine.begin() as own:
+                yield own
+            return
+        term, pid = self._term, self._holder_pid
+        try:
+            async with self._engine.begin() as connection:
+                # A frozen leader must not keep the term's row locked for ever.
+                await connection.execute(
+                    text("SELECT set_config('idle_in_transaction_session_timeout', :ms,"
+                         " true)"), {"ms": str(int(self._stale_after * 1000))})
+                current = (await connection.execute(
+                    _TERM_FOR_SHARE, {"partition": self._partition})).scalar_one_or_none()
+                if current != term:
+                    raise LeadershipLost(f"lease term is {current}, this leader's is {term}")
+                if not await self._holds_lock(connection, pid=pid):
+                    raise LeadershipLost("advisory lock no longer held by the lease session")
+                yield connection
+        except LeadershipLost:
+            async with self._mutex:
+                if self._granted and self._term == term:
                     await self._lose()
-                    raise LeadershipLost("lease connection lost") from exc
-                raise
+            raise
 
     async def release(self) -> None:
         """Give the lease up (unlock, return the connection); a no-op when not held."""
@@ -284,12 +320,15 @@ class LeaderLease:
                                  {"pid": int(holder.pid)})
         return True  # the lock is freed as the backend exits: soon, not necessarily yet
 
-    async def _holds_lock(self, connection: AsyncConnection) -> bool:
+    async def _holds_lock(self, connection: AsyncConnection, *, pid: int | None = None
+                          ) -> bool:
+        """Whether the session ``pid`` (default: this connection's) holds the lock."""
         # pg_locks shows a bigint advisory key as classid = high 32 bits, objid = low
         # 32 bits, objsubid = 1.
         result = await connection.execute(
             _HOLDS_LOCK,
-            {"classid": (self._key >> 32) & 0xFFFFFFFF, "objid": self._key & 0xFFFFFFFF},
+            {"classid": (self._key >> 32) & 0xFFFFFFFF, "objid": self._key & 0xFFFFFFFF,
+             "pid": pid},
         )
         return bool(result.scalar_one())
 

@@ -45,7 +45,16 @@ class CentralMetrics:
         self.quarantined = Counter("regionlimit_ledger_quarantined",
                                    "Ledger rows the database refused, set aside in "
                                    "usage_quarantine", registry=r)
-        self.unsaved = Gauge("regionlimit_unsaved_rows", "Rows awaiting commit", registry=r)
+        self.unsaved = Gauge("regionlimit_unsaved_rows",
+                             "Dirty components and pending buckets awaiting a checkpoint",
+                             registry=r)
+        self.checkpoint_rows = Histogram("regionlimit_checkpoint_rows",
+                                         "Rows (components and buckets) per checkpoint batch",
+                                         buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000),
+                                         registry=r)
+        self.ingest_paused = Gauge("regionlimit_ingest_paused",
+                                   "1 while ingest waits for checkpoints to make room "
+                                   "(backpressure)", registry=r)
         self.consistent_decisions = Counter("regionlimit_consistent_decisions",
                                             "Consistent checks decided", registry=r)
         self.consistent_batch = Histogram("regionlimit_consistent_batch_size",

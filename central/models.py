@@ -11,6 +11,7 @@ from typing import cast
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Index,
     Integer,
@@ -162,6 +163,7 @@ class Namespace(Base):
     mode: Mapped[str] = mapped_column(Text)
     on_unavailable: Mapped[str] = mapped_column(Text)
     timeout: Mapped[str] = mapped_column(Text)
+    shadow_mode: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     version: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -184,6 +186,7 @@ class Override(Base):
     mode: Mapped[str | None] = mapped_column(Text)
     on_unavailable: Mapped[str | None] = mapped_column(Text)
     timeout: Mapped[str | None] = mapped_column(Text)
+    shadow_mode: Mapped[bool | None] = mapped_column(Boolean)
     version: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -220,11 +223,24 @@ class QuarantinedRow(Base):
     row: Mapped[str] = mapped_column(Text)
 
 
+class PartitionLease(Base):
+    """The term of each partition's leader lease. A new leader raises the term as it
+    takes the lock; every ledger write first reads the term FOR SHARE and aborts unless
+    it is its own, so a deposed leader cannot write, and the new leader's raise waits
+    for the old leader's write in flight to finish (central/leadership.py)."""
+
+    __tablename__ = "partition_leases"
+
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    term: Mapped[int] = mapped_column(BigInteger)
+
+
 # Core tables, for bulk statements (upserts) that bypass the ORM unit of work.
 components = cast(Table, Component.__table__)
 usage_hourly = cast(Table, UsageHourly.__table__)
 usage_daily = cast(Table, UsageDaily.__table__)
 usage_quarantine = cast(Table, QuarantinedRow.__table__)
+partition_leases = cast(Table, PartitionLease.__table__)
 usage_monthly = cast(Table, UsageMonthly.__table__)
 usage_retention = cast(Table, UsageRetention.__table__)
 namespaces = cast(Table, Namespace.__table__)

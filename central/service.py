@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import socket
@@ -17,6 +18,8 @@ from central.consistent.authority import Authority
 from central.database import make_engine
 from central.ingest import LeaderIngest
 from central.leadership import LeaderLease
+from central.lease.authority import LeaseAuthority
+from central.lease.tx import LeaseTransactions
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
 from central.migrate import schema_status
@@ -26,6 +29,7 @@ from central.totals import GlobalTotals, WindowKey
 from central.totals_routing import TotalsRouter
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsLink, NatsOptions
+from sync.durations import setting_ms
 from sync.identifiers import IdentifierHasher
 from sync.messages import ConfigUpdate, encode_config
 from sync.subjects import CONFIG
@@ -33,6 +37,7 @@ from sync.subjects import CONFIG
 log = logging.getLogger("regionlimit.central")
 LEASE_POLL_S = 1.0
 STOP_STEP_S = 5.0
+LOAD_CHUNK = 5000  # ledger rows per step of a new leader's load (it yields in between)
 
 
 class CentralService:
@@ -56,6 +61,11 @@ class CentralService:
         self.over_admission: dict[str, int] = {}
         self.metrics.track_over_admission(lambda: dict(self.over_admission))
         self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
+        reclaim = settings.lease_reclaim_after
+        self.lease_authority = LeaseAuthority(LeaseTransactions(
+            self.engine, clock=clock, ttl_ms=setting_ms(settings.lease_ttl),
+            reclaim_after_ms=0 if reclaim == "0" else setting_ms(reclaim)),
+            metrics=self.metrics, lanes=4 if self.engine.dialect.name == "postgresql" else 1)
         self.link = NatsLink(NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
                                          tls_ca=settings.nats_tls_ca, name=self.replica_id,
                                          js_domain=settings.js_domain))
@@ -86,12 +96,19 @@ class CentralService:
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._lead_forever(), name="leadership"))
         self._tasks.append(asyncio.create_task(self._serve_authority(), name="authority"))
+        self._tasks.append(asyncio.create_task(self._serve_leases(), name="lease-authority"))
 
     async def _serve_authority(self) -> None:
         """Every replica answers consistent checks (a queue group spreads them)."""
         await self.link.connected.wait()
         assert self.link.nc is not None
         await self.authority.serve(self.link.nc)
+
+    async def _serve_leases(self) -> None:
+        """Every replica also hands out lease-mode slices (a queue group of its own)."""
+        await self.link.connected.wait()
+        assert self.link.nc is not None
+        await self.lease_authority.serve(self.link.nc)
 
     async def stop(self) -> None:
         """Stop within a bounded time: a shutdown that hangs on a stuck connection would
@@ -163,15 +180,19 @@ class CentralService:
         """Rebuild state from the ledger, then ingest. JetStream redelivers whatever the
         previous leader had not committed."""
         now = self.clock()
+        gc.unfreeze()  # the previous term's state may be collected now
         index: SnapshotIndex[WindowKey] = SnapshotIndex()  # fed as the ledger loads
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
                               over_admission=self.over_admission, observer=index)
         # In chunks, yielding between them: this loop also answers consistent checks,
         # and one pass over every key-window stalled them past their timeout (issue 10).
         async for rows in self.ledger.stream_components(
-                window_end_after=now - totals.retention_ms):
+                window_end_after=now - totals.retention_ms, chunk=LOAD_CHUNK):
             totals.load_more(rows)
             await asyncio.sleep(0)
+        # What was loaded lives as long as the term: out of the collector's generations,
+        # so full collections do not walk it again and again (short GC pauses).
+        gc.freeze()
         self.totals = totals
         assert self.link.nc is not None
         ingest = LeaderIngest(
@@ -183,7 +204,11 @@ class CentralService:
             rollup=RollupJob.from_settings(self.engine, self.settings),
             snapshot_index=index,
             router=TotalsRouter(share=self.settings.broadcast_share,
-                                partitions=self.settings.partitions))
+                                partitions=self.settings.partitions),
+            max_dirty=self.settings.max_dirty,
+            checkpoint_batch=self.settings.checkpoint_batch,
+            ack_wait=self.settings.seconds("ack_wait"),
+            crash_at=self.settings.test_crash_at)
         self.is_leader = True
         self.metrics.leader.set(1)
         log.info("replica %s is the leader: %d key-windows loaded", self.replica_id,

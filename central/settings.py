@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,7 +33,17 @@ class CentralSettings(BaseSettings):
     identifier_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
     tick_interval: str = "100ms"
+    # How often the leader checkpoints dirty components and buckets to the ledger.
     commit_interval: str = "1s"
+    # Rows (components, and buckets, each) per checkpoint transaction.
+    checkpoint_batch: int = Field(default=5000, ge=1, le=100_000)
+    # Ingest stops fetching while this many dirty components + pending buckets are owed.
+    max_dirty: int = Field(default=200_000, ge=1)
+    # How long JetStream waits for the leader's ack of a usage message before it
+    # redelivers it (set when the durable consumer is created).
+    ack_wait: str = "60s"
+    # Tests only: the checkpoint task kills its process (SIGKILL) at this point.
+    test_crash_at: Literal["", "before_write", "after_write", "mid_batch"] = ""
     retention: str = "7d"
     # Usage rollups (central/billing/rollups.py): hour-level detail is kept this long, day-level
     # detail that long; monthly totals forever. Whole days / months are pruned at once.
@@ -48,13 +59,19 @@ class CentralSettings(BaseSettings):
     broadcast_share: float = Field(default=DEFAULT_BROADCAST_SHARE, ge=0.0, le=1.0)
     # Key partitions (sync/partitions.py); identical on every node and replica.
     partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1, le=MAX_PARTITIONS)
+    # Lease mode (central/lease/; not the leader lease above): how long a node may spend a
+    # slice from the moment it asked, and how long after that the authority waits before
+    # taking back what an unheard-from node did not report using ("0" = never take it back).
+    lease_ttl: str = "10s"
+    lease_reclaim_after: str = "30s"
 
     @property
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
     _intervals = field_validator("tick_interval", "commit_interval", "retention",
-                                 "rollup_interval", "lease_timeout")(check_interval)
+                                 "rollup_interval", "lease_timeout", "ack_wait", "lease_ttl"
+                                 )(check_interval)
 
     @field_validator("lease_timeout")
     @classmethod
@@ -62,6 +79,11 @@ class CentralSettings(BaseSettings):
         if not 3_000 <= setting_ms(value) <= 300_000:
             raise ValueError("the lease timeout must be between 3s and 5m")
         return value
+
+    @field_validator("lease_reclaim_after")
+    @classmethod
+    def _zero_or_interval(cls, value: str) -> str:
+        return value if value == "0" else check_interval(value)
 
     @field_validator("hourly_retention", "daily_retention")
     @classmethod

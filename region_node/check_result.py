@@ -25,3 +25,6 @@ class CheckResult:
     retry_after_ms: int | None
     mode: str
     source: Source
+    # True when a shadow_mode policy admitted a check it would have denied. Always written
+    # out (false otherwise): one fixed shape is cheaper for orjson and for clients.
+    shadowed: bool = False

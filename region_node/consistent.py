@@ -41,7 +41,7 @@ class ConsistentClient:
         self._logged_at = 0.0
 
     async def decide(self, namespace: str, key_hash: str, policy: Policy, cost: int,
-                     label: str) -> Result:
+                     label: str, protocol: str = "http") -> Result:
         started = time.perf_counter()
         decision = None
         reason = "NATS disconnected"
@@ -58,25 +58,31 @@ class ConsistentClient:
                 reason = type(exc).__name__
         self._metrics.latency.observe(time.perf_counter() - started)
         if decision is not None:
-            self._metrics.count_check(label, decision.allowed, "authority")
+            self._metrics.count_check(label, decision.allowed, "authority", protocol)
+            if not decision.allowed and policy.shadow_mode:
+                # The authority counted a denial; the caller goes through all the same.
+                return CheckResult(True, policy.limit, 0, decision.reset_at, None,
+                                   "consistent", "authority", shadowed=True)
             return CheckResult(decision.allowed, policy.limit, decision.remaining,
                                decision.reset_at, decision.retry_after_ms, "consistent",
                                "authority")
-        return self._fallback(namespace, key_hash, policy, cost, label, reason)
+        return self._fallback(namespace, key_hash, policy, cost, label, reason, protocol)
 
     def _fallback(self, namespace: str, key_hash: str, policy: Policy, cost: int,
-                  label: str, reason: str) -> Result:
-        allowed = policy.on_unavailable == "open"
+                  label: str, reason: str, protocol: str) -> Result:
+        allowed = policy.on_unavailable == "open" or policy.shadow_mode
         now = self._clock()
         # Admitted cost is still usage: it goes out with the fast-mode counters, so the
         # ledger bills it even though the authority never saw it.
         self._store.record(namespace, key_hash, policy, cost, allowed, now)
-        self._metrics.count_check(label, allowed, "fallback")
+        self._metrics.count_check(label, allowed, "fallback", protocol)
         self._metrics.fallbacks[label] = self._metrics.fallbacks.get(label, 0) + 1
         self._log_fallback(key_hash, label, reason, allowed)
         retry = None if allowed else policy.timeout.ms
+        # Shadowed only where the fallback itself would have denied (on_unavailable closed).
+        shadowed = policy.shadow_mode and policy.on_unavailable == "closed"
         return CheckResult(allowed, policy.limit, 0, now + policy.timeout.ms, retry,
-                           "consistent", "fallback")
+                           "consistent", "fallback", shadowed=shadowed)
 
     def _log_fallback(self, key_hash: str, label: str, reason: str, allowed: bool) -> None:
         self._unlogged += 1

@@ -84,6 +84,18 @@ class CounterStore:
             state.flags |= CUR_DIRTY
             self._dirty.add(key)
 
+    def admit_denied(self, namespace: str, key_hash: str, cost: int) -> None:
+        """Turn the denial ``check`` just recorded into admitted usage (shadow mode): the
+        key's counters, its token bucket and the ledger then see it as let through."""
+        state = self._states[f"{namespace}/{key_hash}"]
+        state.cur_denied -= cost
+        state.cur += cost
+        if ALGORITHMS[state.policy.algorithm].debits_remote:
+            # An algorithm that debits usage from a level (a token bucket) takes the
+            # admitted cost out as it does remote usage; ``check`` just refilled it to now.
+            # The level may go negative, as with remote debits.
+            state.level -= cost * state.policy.duration.ms
+
     def _current(self, namespace: str, key_hash: str, policy: Policy, now: int
                  ) -> tuple[str, KeyState]:
         """The key's state, brought to the window holding ``now``."""

@@ -12,6 +12,7 @@ import orjson
 
 from region_node.check_result import CheckResult
 from region_node.checker import Checker, Result
+from region_node.ratelimit_fields import ietf_fields
 from sync.api_errors import NOT_JSON, UNAUTHORIZED, ApiError
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -54,9 +55,11 @@ def error_reply(error: ApiError) -> Reply:
 
 
 class CheckEndpoints:
-    def __init__(self, checker: Checker, *, node_token: str | None = None) -> None:
+    def __init__(self, checker: Checker, *, node_token: str | None = None,
+                 ietf_ratelimit_fields: bool = True) -> None:
         self.checker = checker
         self._token = f"Bearer {node_token}".encode() if node_token else None
+        self.ietf_ratelimit_fields = ietf_ratelimit_fields
 
     def authorized(self, authorization: bytes | None) -> bool:
         if self._token is None:
@@ -64,12 +67,28 @@ class CheckEndpoints:
         return authorization is not None and hmac.compare_digest(authorization, self._token)
 
     async def check(self, body: bytes) -> Reply:
+        if self.ietf_ratelimit_fields:
+            return await self._check_with_fields(body)
         try:
             outcome = self.checker.check(_decode(body))
             result = outcome if isinstance(outcome, CheckResult) else await outcome
         except ApiError as exc:
             return error_reply(exc)
         return 200, rate_limit_headers(result, self.checker.clock()), orjson.dumps(result)
+
+    async def _check_with_fields(self, body: bytes) -> Reply:
+        try:
+            check = _decode(body)
+            policy, outcome = self.checker.check_with_policy(check)
+            result = outcome if isinstance(outcome, CheckResult) else await outcome
+        except ApiError as exc:
+            return error_reply(exc)
+        now = self.checker.clock()
+        headers = rate_limit_headers(result, now)
+        # A valid check is a dict with a str namespace (the checker refused anything else).
+        headers += ietf_fields(check["namespace"], policy, result.remaining,
+                               result.reset_at - now)
+        return 200, headers, orjson.dumps(result)
 
     async def batch(self, body: bytes) -> Reply:
         try:

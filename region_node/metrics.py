@@ -38,15 +38,17 @@ class Histogram:
 
 LATENCY_BOUNDS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
                   0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+PROTOCOLS = ("http", "grpc")  # how a check arrived: the JSON API or Envoy's RLS
 LAG_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class NodeMetrics(Collector):
     def __init__(self, region: str) -> None:
         self.region = region
-        # source -> namespace label -> [denied, allowed]: no tuple built per check
-        self.checks: dict[str, dict[str, list[int]]] = {
-            "local": {}, "authority": {}, "fallback": {}}
+        # protocol -> source -> namespace label -> [denied, allowed]: no tuple built per check
+        self.checks: dict[str, dict[str, dict[str, list[int]]]] = {
+            protocol: {"local": {}, "authority": {}, "fallback": {}}
+            for protocol in PROTOCOLS}
         self.latency = Histogram(LATENCY_BOUNDS)
         self.sync_lag = Histogram(LAG_BOUNDS)
         self.fallbacks: dict[str, int] = {}
@@ -62,8 +64,9 @@ class NodeMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def count_check(self, label: str, allowed: bool, source: str) -> None:
-        slots = self.checks[source]
+    def count_check(self, label: str, allowed: bool, source: str, protocol: str = "http"
+                    ) -> None:
+        slots = self.checks[protocol][source]
         slot = slots.get(label)
         if slot is None:
             slot = slots[label] = [0, 0]
@@ -76,11 +79,15 @@ class NodeMetrics(Collector):
                                   | HistogramMetricFamily]:
         region = {"region": self.region}
         checks = CounterMetricFamily("regionlimit_checks", "Checks answered",
-                                     labels=["namespace", "outcome", "source", "region"])
-        for source, slots in self.checks.items():
-            for label, (denied, allowed) in sorted(slots.items()):
-                checks.add_metric([label, "allowed", source, self.region], allowed)
-                checks.add_metric([label, "denied", source, self.region], denied)
+                                     labels=["namespace", "outcome", "source", "region",
+                                             "protocol"])
+        for protocol, sources in self.checks.items():
+            for source, slots in sources.items():
+                for label, (denied, allowed) in sorted(slots.items()):
+                    checks.add_metric([label, "allowed", source, self.region, protocol],
+                                      allowed)
+                    checks.add_metric([label, "denied", source, self.region, protocol],
+                                      denied)
         yield checks
         yield self.latency.family("regionlimit_check_duration_seconds",
                                   "Time to decide one check, HTTP excluded", region)

@@ -10,17 +10,23 @@ import secrets
 import socket
 from typing import Any
 
+import grpc
+
 from region_node.checker import Checker
 from region_node.consistent import ConsistentClient
 from region_node.counters import CounterStore
 from region_node.http import CheckEndpoints
+from region_node.lease import LeaseClient
 from region_node.metrics import NodeMetrics
 from region_node.policies import PolicyResolver
 from region_node.policy_file import load_policy_file
+from region_node.rls import RateLimitService, start_rls_server
+from region_node.rls_rules import load_rls_rules
 from region_node.settings import NodeSettings
 from region_node.sync_loop import NodeSync
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsOptions
+from sync.durations import setting_ms
 from sync.identifiers import IdentifierHasher
 
 log = logging.getLogger("regionlimit.node")
@@ -57,9 +63,18 @@ class RegionNode:
         self.checker = Checker(store=self.store, resolver=self.resolver, hasher=self.hasher,
                                metrics=self.metrics, clock=clock)
         token = settings.node_token.get_secret_value() if settings.node_token else None
-        self.endpoints = CheckEndpoints(self.checker, node_token=token)
+        self.endpoints = CheckEndpoints(self.checker, node_token=token,
+                                        ietf_ratelimit_fields=settings.ratelimit_fields)
+        self.rls: RateLimitService | None = None
+        self.grpc_port: int | None = None  # the bound port once started (settings may say 0)
+        self._grpc_server: grpc.aio.Server | None = None
+        if settings.grpc_port is not None:
+            self.rls = RateLimitService(self.checker, load_rls_rules(settings.config),
+                                        node_token=token,
+                                        ietf_ratelimit_fields=settings.ratelimit_fields)
         self._tasks: list[asyncio.Task[Any]] = []
         self.sync: NodeSync | None = None
+        self.leases: LeaseClient | None = None
         if settings.nats_url:
             self.sync = NodeSync(
                 options=NatsOptions(url=settings.nats_url, creds=settings.nats_creds,
@@ -73,6 +88,10 @@ class RegionNode:
             self.checker.authority = ConsistentClient(
                 link=self.sync.link, node_id=self.node_id, region=self.region,
                 store=self.store, metrics=self.metrics, clock=clock)
+            self.leases = self.checker.leases = LeaseClient(
+                link=self.sync.link, node_id=self.node_id, region=self.region,
+                store=self.store, metrics=self.metrics, clock=clock,
+                idle_s=setting_ms(settings.lease_idle) / 1000)
 
     async def start(self) -> None:
         if self.sync is None:
@@ -80,9 +99,24 @@ class RegionNode:
                         "enforced by this process alone", self.node_id)
         else:
             await self.sync.start()
+        if self.rls is not None:
+            assert self.settings.grpc_port is not None
+            # On the same event loop as HTTP: one Checker, no locks between the two.
+            self._grpc_server, self.grpc_port = await start_rls_server(
+                self.rls, host=self.settings.host, port=self.settings.grpc_port,
+                max_message_bytes=self.settings.grpc_max_message_bytes)
+        if self.leases is not None:
+            self._tasks.append(asyncio.create_task(self.leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self._evict_forever(), name="evict"))
 
     async def stop(self) -> None:
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace=1.0)
+            self._grpc_server = None
+        if self.leases is not None:
+            # Before the final flush, while NATS is still up: unused slices go back so
+            # other nodes can spend them; the usage they admitted goes out with the flush.
+            await self.leases.stop()
         if self.sync is not None:
             await self.sync.stop()
         for task in self._tasks:

@@ -23,7 +23,7 @@ class CheckRequest(BaseModel):
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
     algorithm: Literal["fixed_window", "sliding_window", "token_bucket"] | None = None
     burst: int | None = Field(default=None, ge=1)
-    mode: Literal["fast", "consistent"] | None = None
+    mode: Literal["fast", "consistent", "lease"] | None = None
     on_unavailable: Literal["open", "closed"] | None = None
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
 
@@ -34,8 +34,10 @@ class CheckResult(BaseModel):
     remaining: int = Field(ge=0)
     reset_at: int = Field(description="Epoch ms when the limit is fully available again")
     retry_after_ms: int | None = Field(description="null when allowed, else > 0")
-    mode: Literal["fast", "consistent"]
+    mode: Literal["fast", "consistent", "lease"]
     source: Literal["local", "authority", "fallback"]
+    shadowed: bool = Field(default=False, description="true when a shadow_mode policy "
+                           "admitted a check it would have denied")
 
 
 class BatchRequest(BaseModel):

@@ -38,15 +38,24 @@ class NodeSettings(BaseSettings):
     inline_namespaces: bool = True
     max_inline_namespaces: int = Field(default=1000, ge=0)
     log_level: str = "info"
+    # Envoy's rate limit service (gRPC, envoy.service.ratelimit.v3) on this port; off if unset.
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    grpc_max_message_bytes: int = Field(default=64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    # RateLimit-Policy / RateLimit (draft-ietf-httpapi-ratelimit-headers-10) beside the
+    # RateLimit-Limit/-Remaining/-Reset triple, on HTTP checks and RLS answers.
+    ratelimit_fields: bool = True
     # One line per check costs about a third of the node's throughput and floods the log at
     # production rates: off unless asked for. Rejected requests are logged either way.
     access_log: bool = False
+    # Lease mode: a key unchecked this long gives its unused slice back.
+    lease_idle: str = "2s"
 
     @property
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(replicas=self.stream_replicas, max_bytes=self.stream_max_bytes)
 
-    _intervals = field_validator("flush_interval", "snapshot_timeout")(check_interval)
+    _intervals = field_validator("flush_interval", "snapshot_timeout",
+                                 "lease_idle")(check_interval)
 
     @property
     def flush_interval_s(self) -> float:

@@ -31,7 +31,7 @@ from sync.identifiers import IDENTIFIER_RULE, is_identifier
 TIMEOUT_S = 30.0
 MONTH = re.compile(r"(\d{4})-(\d{2})")
 POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable",
-                 "timeout")
+                 "timeout", "shadow_mode")
 NUMERIC = frozenset({"admitted", "denied", "limit", "burst", "version"})
 
 
@@ -290,9 +290,11 @@ def _policy_flags(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--algorithm",
                         choices=["fixed_window", "sliding_window", "token_bucket"])
     parser.add_argument("--burst", type=int, help="token bucket capacity (default: limit)")
-    parser.add_argument("--mode", choices=["fast", "consistent"])
+    parser.add_argument("--mode", choices=["fast", "consistent", "lease"])
     parser.add_argument("--on-unavailable", choices=["open", "closed"])
-    parser.add_argument("--timeout", help="consistent mode: e.g. 250ms")
+    parser.add_argument("--timeout", help="consistent and lease mode: e.g. 250ms")
+    parser.add_argument("--shadow-mode", action=argparse.BooleanOptionalAction,
+                        help="count and bill every check but never deny")
 
 
 def _identifier_flags(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,9 @@ consumer leaves it unacked until central is upgraded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -21,6 +22,7 @@ from sync.policy import NAMESPACE, Policy, build_policy
 USAGE_VERSION = 2
 STATE_VERSION = 1
 MAX_MESSAGE_BYTES = 1_000_000  # NATS' default max_payload is 1 MiB
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,10 @@ class UsageBatch:
     # and on the partition subjects. Absent from a previous release's batches: central
     # then keeps the shared totals subject going for it (central/totals_routing.py).
     addressed: bool = True
+    # Entries the decoder refused (bad field): dropped one by one, so one poisoned entry
+    # never costs the valid usage that travelled with it.
+    invalid_entries: int = 0
+    invalid_reason: str = ""  # the first refused entry's, for the log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,35 +217,54 @@ def decode_usage(data: bytes) -> UsageBatch:
     addressed = obj.get("addr", False)
     if not isinstance(addressed, bool):
         raise MalformedMessage("bad addressed mark")
+    policies: list[Policy | None] = []
     if version >= 2:
         raw_policies = obj.get("policies")
         if not isinstance(raw_policies, list):
             raise MalformedMessage("bad policies")
-        policies = [_policy_from_fields(p) for p in raw_policies]
+        policies = [_optional(_policy_from_fields, p) for p in raw_policies]
     entries = []
+    reason = ""
     for row in rows:
-        if not isinstance(row, list) or len(row) != 6:
-            raise MalformedMessage("bad entry")
-        if version >= 2:
-            index = _count(row[5], "policy index")
-            if index >= len(policies):
-                raise MalformedMessage("bad policy index")
-            policy = policies[index]
-        else:
-            p = row[5]
-            if not isinstance(p, dict):
-                raise MalformedMessage("bad policy")
-            policy = _policy_from_fields(
-                [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
-        entries.append(UsageEntry(
-            namespace=_namespace(row[0]),
-            key_hash=_key_hash(row[1]),
-            window_start=_time(row[2], "window start"),
-            admitted=_count(row[3], "admitted"),
-            denied=_count(row[4], "denied"),
-            policy=policy,
-        ))
-    return UsageBatch(node_id, region, flushed_at, entries, addressed)
+        try:
+            entries.append(_usage_entry(row, version, policies))
+        except MalformedMessage as exc:
+            reason = reason or exc.reason
+    return UsageBatch(node_id, region, flushed_at, entries, addressed=addressed,
+                      invalid_entries=len(rows) - len(entries), invalid_reason=reason)
+
+
+def _optional(decode: Callable[..., T], *args: Any) -> T | None:
+    """``decode(*args)``, or None where the value is malformed."""
+    try:
+        return decode(*args)
+    except MalformedMessage:
+        return None
+
+
+def _usage_entry(row: Any, version: int, policies: list[Policy | None]) -> UsageEntry:
+    if not isinstance(row, list) or len(row) != 6:
+        raise MalformedMessage("bad entry")
+    policy: Policy | None
+    if version >= 2:
+        index = _count(row[5], "policy index")
+        policy = policies[index] if index < len(policies) else None
+    else:
+        p = row[5]
+        if not isinstance(p, dict):
+            raise MalformedMessage("bad policy")
+        policy = _policy_from_fields(
+            [p.get("limit"), p.get("duration"), p.get("algorithm"), p.get("burst")])
+    if policy is None:
+        raise MalformedMessage("bad policy")
+    return UsageEntry(
+        namespace=_namespace(row[0]),
+        key_hash=_key_hash(row[1]),
+        window_start=_time(row[2], "window start"),
+        admitted=_count(row[3], "admitted"),
+        denied=_count(row[4], "denied"),
+        policy=policy,
+    )
 
 
 # --- totals and snapshots (central -> nodes, core NATS) -----------------------------------
@@ -313,16 +338,18 @@ def decode_snapshot_page(data: bytes) -> SnapshotPage:
 
 def _full_policy_fields(policy: Policy) -> list[Any]:
     return [policy.limit, policy.duration.text, policy.algorithm, policy.burst, policy.mode,
-            policy.on_unavailable, policy.timeout.text]
+            policy.on_unavailable, policy.timeout.text, policy.shadow_mode]
 
 
 def _full_policy(fields: Any) -> Policy:
-    if not isinstance(fields, list) or len(fields) != 7:
+    # 7 fields: a sender from before shadow_mode existed (it never shadows).
+    if not isinstance(fields, list) or len(fields) not in (7, 8):
         raise MalformedMessage("bad policy")
     try:
         return build_policy(limit=fields[0], duration=fields[1], algorithm=fields[2],
                             burst=fields[3], mode=fields[4], on_unavailable=fields[5],
-                            timeout=fields[6])
+                            timeout=fields[6],
+                            shadow_mode=fields[7] if len(fields) == 8 else None)
     except InvalidField as exc:
         raise MalformedMessage(f"bad policy: {exc.message}") from None
 
@@ -418,3 +445,98 @@ def decode_consistent_decision(data: bytes) -> ConsistentDecision | None:
     return ConsistentDecision(allowed, _count(obj.get("remaining"), "remaining"),
                               _time(obj.get("reset_at"), "reset_at"),
                               None if retry is None else _count(retry, "retry"))
+
+
+# --- lease mode (node -> lease authority, request/reply) ----------------------------------
+
+LEASE_OPS = ("acquire", "return")
+MAX_DEMAND = 1_000_000_000_000  # cost per second; far above any real rate
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """A node asks for (``acquire``) or gives back (``return``) part of a key's budget.
+
+    ``used`` is what the node admitted from its slices in the window starting at
+    ``window_start`` (0 when it holds none); ``want`` the cost it needs now (0 for a
+    background refill), or for a return what it keeps of its unused slice; ``demand``
+    the cost per second its checks asked for lately.
+    """
+
+    op: str
+    namespace: str
+    key_hash: str
+    policy: Policy
+    node_id: str
+    region: str
+    window_start: int
+    used: int
+    seq: int  # grows with every request of the node: a late, older one is ignored
+    want: int = 0
+    demand: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """The node's new total for the window (not an increment, so a lost reply heals at
+    the next request), the window, how long the node may spend it from the moment it sent
+    the request, and how much of the budget nobody holds after this grant."""
+
+    granted: int
+    window_start: int
+    window_end: int
+    ttl_ms: int
+    free: int
+
+
+def encode_lease_request(request: LeaseRequest) -> bytes:
+    return _pack({"v": STATE_VERSION, "t": "lease", "op": request.op,
+                  "ns": request.namespace, "key": request.key_hash,
+                  "policy": _full_policy_fields(request.policy), "node": request.node_id,
+                  "region": request.region, "window": request.window_start,
+                  "used": request.used, "seq": request.seq, "want": request.want,
+                  "demand": request.demand})
+
+
+def decode_lease_request(data: bytes) -> LeaseRequest:
+    _, obj = _unpack(data, "lease", STATE_VERSION)
+    op = obj.get("op")
+    if op not in LEASE_OPS:
+        raise MalformedMessage("bad lease op")
+    policy = _full_policy(obj.get("policy"))
+    if policy.mode != "lease":
+        raise MalformedMessage("policy is not in lease mode")
+    want = _count(obj.get("want"), "want")
+    used = _count(obj.get("used"), "used")
+    if want > policy.capacity or used > policy.limit:
+        raise MalformedMessage("want or used above the limit")
+    demand = _count(obj.get("demand"), "demand")
+    if demand > MAX_DEMAND:
+        raise MalformedMessage("bad demand")
+    return LeaseRequest(
+        op=op, namespace=_namespace(obj.get("ns")),
+        key_hash=_key_hash(obj.get("key")), policy=policy,
+        node_id=_str(obj.get("node"), "node id"),
+        region=_str(obj.get("region"), "region", max_len=64),
+        window_start=_time(obj.get("window"), "window start"), used=used,
+        seq=_count(obj.get("seq"), "seq"), want=want, demand=demand)
+
+
+def encode_lease_grant(grant: LeaseGrant | None) -> bytes:
+    """``None`` tells the node the authority could not decide (it waits or falls back)."""
+    if grant is None:
+        return _pack({"v": STATE_VERSION, "t": "grant", "error": True})
+    return _pack({"v": STATE_VERSION, "t": "grant", "granted": grant.granted,
+                  "window": grant.window_start, "end": grant.window_end,
+                  "ttl": grant.ttl_ms, "free": grant.free})
+
+
+def decode_lease_grant(data: bytes) -> LeaseGrant | None:
+    _, obj = _unpack(data, "grant", STATE_VERSION)
+    if obj.get("error"):
+        return None
+    start, end = _time(obj.get("window"), "window start"), _time(obj.get("end"), "window end")
+    if end <= start:
+        raise MalformedMessage("bad window")
+    return LeaseGrant(_count(obj.get("granted"), "granted"), start, end,
+                      _count(obj.get("ttl"), "ttl"), _count(obj.get("free"), "free"))

@@ -10,7 +10,7 @@ from sync.durations import Duration, parse_duration
 from sync.errors import InvalidField
 
 ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
-MODES = ("fast", "consistent")
+MODES = ("fast", "consistent", "lease")
 ON_UNAVAILABLE = ("open", "closed")
 MAX_LIMIT = 1_000_000_000_000
 DEFAULT_ALGORITHM = "sliding_window"
@@ -21,7 +21,8 @@ MAX_TIMEOUT_MS = 60_000
 NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # with fullmatch
 NAMESPACE_PATTERN = f"^{NAMESPACE.pattern}$"
 DURATION_PATTERN = r"^([1-9][0-9]{0,10}(ms|s|m|h|d)|month)$"
-POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout")
+POLICY_FIELDS = ("limit", "duration", "algorithm", "burst", "mode", "on_unavailable", "timeout",
+                 "shadow_mode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class Policy:
     mode: str = "fast"
     on_unavailable: str = "open"
     timeout: Duration = DEFAULT_TIMEOUT_DURATION
+    # Count and bill every check but never deny: a new limit can be watched before it bites.
+    shadow_mode: bool = False
 
     @property
     def capacity(self) -> int:
@@ -50,6 +53,7 @@ class Policy:
             "mode": self.mode,
             "on_unavailable": self.on_unavailable,
             "timeout": self.timeout.text,
+            "shadow_mode": self.shadow_mode,
         }
 
 
@@ -77,6 +81,7 @@ def build_policy(
     mode: object = None,
     on_unavailable: object = None,
     timeout: object = None,
+    shadow_mode: object = None,
 ) -> Policy:
     """Validate raw fields (JSON, TOML or msgpack) into a Policy; InvalidField names the culprit."""
     if limit is None:
@@ -101,18 +106,36 @@ def build_policy(
                                field="timeout")
     if timeout_d.is_month or timeout_d.ms > MAX_TIMEOUT_MS:
         raise InvalidField("timeout", f"timeout must be 1ms..{MAX_TIMEOUT_MS // 1000}s")
+    if shadow_mode is not None and not isinstance(shadow_mode, bool):
+        raise InvalidField("shadow_mode", "shadow_mode must be true or false")
+    checked_mode = _choice(mode if mode is not None else "fast", "mode", MODES)
+    if checked_mode == "lease":
+        _check_sliceable(algo)
     return Policy(
         limit=checked_limit,
         duration=parsed,
         algorithm=algo,
         burst=checked_burst,
-        mode=_choice(mode if mode is not None else "fast", "mode", MODES),
+        mode=checked_mode,
         on_unavailable=_choice(
             on_unavailable if on_unavailable is not None else "open", "on_unavailable",
             ON_UNAVAILABLE,
         ),
         timeout=timeout_d,
+        shadow_mode=bool(shadow_mode),
     )
+
+
+def _check_sliceable(algorithm: str) -> None:
+    """Lease mode hands out slices of a window's budget: the algorithm says whether it has
+    one (sync/algorithms; see docs/lease-mode.md)."""
+    # Imported here: the algorithms import this module for Policy.
+    from sync.algorithms import ALGORITHMS as BY_NAME
+
+    if not BY_NAME[algorithm].sliceable:
+        sliceable = [name for name, each in BY_NAME.items() if each.sliceable]
+        raise InvalidField("algorithm", "mode lease works only with algorithm "
+                           + " or ".join(sliceable))
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:
@@ -124,4 +147,5 @@ def policy_from_dict(data: dict[str, Any]) -> Policy:
         mode=data.get("mode"),
         on_unavailable=data.get("on_unavailable"),
         timeout=data.get("timeout"),
+        shadow_mode=data.get("shadow_mode"),
     )

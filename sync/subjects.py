@@ -15,3 +15,5 @@ CONSISTENT_QUEUE = "regionlimit-authority"
 
 def usage_subject(region: str) -> str:
     return f"{PREFIX}.usage.{region}"
+LEASE = f"{PREFIX}.lease"
+LEASE_QUEUE = "regionlimit-lease-authority"

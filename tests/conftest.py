@@ -69,3 +69,21 @@ def ledger_url(request: pytest.FixtureRequest) -> str:
     # getfixturevalue: Postgres starts only when a postgres-parametrized test runs.
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+# The folder says what a test needs: unit (nothing), integration (real NATS and Postgres,
+# in process), e2e and chaos (processes). The quick loop is `pytest tests/unit` or
+# `pytest -m "not e2e"`.
+FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "e2e": "e2e", "chaos": "e2e"}
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        if TESTS not in path.parents:
+            continue
+        folder = path.relative_to(TESTS).parts[0]
+        marker = FOLDER_MARKERS.get(folder)
+        if marker is not None:
+            item.add_marker(marker)

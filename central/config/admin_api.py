@@ -36,9 +36,11 @@ class PolicyFields(Strict):
     duration: str | None = Field(default=None, pattern=DURATION_PATTERN)
     algorithm: Algorithm | None = None
     burst: int | None = Field(default=None, ge=1)
-    mode: Literal["fast", "consistent"] | None = None
+    mode: Literal["fast", "consistent", "lease"] | None = None
     on_unavailable: Literal["open", "closed"] | None = None
     timeout: str | None = Field(default=None, pattern=DURATION_PATTERN)
+    shadow_mode: bool | None = Field(default=None, description="Count and bill every check "
+                                     "but never deny; answers say shadowed: true instead")
 
 
 class NamespaceBody(PolicyFields):
@@ -64,6 +66,7 @@ class NamespaceOut(BaseModel):
     mode: str
     on_unavailable: str
     timeout: str
+    shadow_mode: bool
     version: int
 
 
@@ -75,6 +78,7 @@ class PolicyOut(BaseModel):
     mode: str
     on_unavailable: str
     timeout: str
+    shadow_mode: bool
 
 
 class OverrideOut(BaseModel):
@@ -87,6 +91,7 @@ class OverrideOut(BaseModel):
     mode: str | None
     on_unavailable: str | None
     timeout: str | None
+    shadow_mode: bool | None
     effective: PolicyOut
     version: int
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -110,6 +110,7 @@ class Checkpoint:
 class Increase:
     admitted: int
     denied: int
+    created: bool = False  # the component is new (first merge from this node)
 
     @property
     def raised(self) -> bool:
@@ -117,6 +118,7 @@ class Increase:
 
 
 NO_INCREASE = Increase(0, 0)
+_CREATED_EMPTY = Increase(0, 0, created=True)
 BucketKey = tuple[int, str, int, int]  # namespace id, key hash, region id, hour start
 
 
@@ -240,7 +242,8 @@ class ComponentTable:
         node = self.nodes.id(node_id)
         row = self._row_of(slot, node)
         policy_id = self.policies.id(policy)
-        if row == NO_ROW:
+        created = row == NO_ROW
+        if created:
             row = len(self._slot)
             self._slot.append(slot)
             self._node.append(node)
@@ -255,14 +258,14 @@ class ComponentTable:
         more_admitted = max(0, admitted - self._admitted[row])
         more_denied = max(0, denied - self._denied[row])
         if not more_admitted and not more_denied:
-            return NO_INCREASE
+            return _CREATED_EMPTY if created else NO_INCREASE
         self._admitted[row] += more_admitted
         self._denied[row] += more_denied
         self._policy[row] = policy_id
         self._mark_dirty(row, seq)
         self._add_to_bucket((self.namespaces.id(namespace), key_hash, self._region[row], hour),
                             more_admitted, more_denied, seq)
-        return Increase(more_admitted, more_denied)
+        return Increase(more_admitted, more_denied, created)
 
     def load(self, *, namespace: str, key_hash: str, window_start: int, node_id: str,
              region: str, admitted: int, denied: int, policy: Hashable) -> None:
@@ -408,6 +411,13 @@ class ComponentTable:
             self._bucket_seq[key] = min(seq, newer)
             self._pending(max(seq, newer), -1)
 
+    def note_seq(self, seq: int) -> None:
+        """A message numbered ``seq`` was merged, whether or not it raised anything (a
+        message of rejected entries only is durable at once)."""
+        if seq < self._last_seq:
+            raise InvalidField("seq", f"must not decrease ({seq} < {self._last_seq})")
+        self._last_seq = seq
+
     def durable_through(self) -> int:
         """Every merge with a seq up to this is durable (or raised nothing)."""
         while self._open_seqs and self._open_seqs[0] not in self._pending_per_seq:
@@ -415,3 +425,57 @@ class ComponentTable:
         if self._open_seqs:
             return self._open_seqs[0] - 1
         return self._last_seq
+
+    # --- pruning -------------------------------------------------------------------
+
+    def without_key_windows(self, dropped: Iterable[tuple[str, str, int]]
+                            ) -> ComponentTable:
+        """A new table without the components of ``dropped`` key-windows (namespace, key
+        hash, window start): rows live in arrays, so dropping means rebuilding.
+
+        Dirty state carries over (a dropped dirty row is owed no more: its window is past
+        retention, the ledger prunes it too); pending buckets carry over unchanged. Must
+        not run while a checkpoint is in flight: rows are renumbered.
+        """
+        if any(state in (_TAKEN, _TAKEN_DIRTY) for state in self._state):
+            raise RuntimeError("cannot rebuild the table while a checkpoint is in flight")
+        drop_slots = set()
+        for namespace, key_hash, window_start in dropped:
+            slot = self._slot_of(namespace, key_hash, window_start, create=False)
+            if slot != NO_ROW:
+                drop_slots.add(slot)
+        new = ComponentTable()
+        # Same ids, so pending bucket keys (namespace and region ids) stay valid.
+        new.namespaces, new.windows, new.nodes = self.namespaces, self.windows, self.nodes
+        new.regions, new.policies = self.regions, self.policies
+        new._buckets, new._bucket_queue = self._buckets, self._bucket_queue
+        new._bucket_seq = self._bucket_seq
+        new._pending_per_seq, new._open_seqs = self._pending_per_seq, self._open_seqs
+        new._last_seq = self._last_seq
+        moved: dict[int, int] = {}
+        for slot, packed in enumerate(self._keys):
+            if slot in drop_slots:
+                continue
+            new_slot = new._key_index[packed] = len(new._keys)
+            new._keys.append(packed)
+            new._head.append(NO_ROW)
+            row = self._head[slot]
+            while row != NO_ROW:
+                moved[row] = len(new._slot)
+                new._slot.append(new_slot)
+                new._node.append(self._node[row])
+                new._region.append(self._region[row])
+                new._policy.append(self._policy[row])
+                new._admitted.append(self._admitted[row])
+                new._denied.append(self._denied[row])
+                new._next.append(new._head[new_slot])
+                new._head[new_slot] = moved[row]
+                new._state.append(self._state[row])
+                new._first_dirty_seq.append(self._first_dirty_seq[row])
+                row = self._next[row]
+        for row in self._dirty_queue:
+            if row in moved:
+                new._dirty_queue.append(moved[row])
+            else:  # owed no more
+                new._pending(self._first_dirty_seq[row], -1)
+        return new

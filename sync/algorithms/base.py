@@ -94,6 +94,11 @@ class Algorithm(Protocol):
     of its windows. A token bucket's windows say how much was used, not when: not how much
     has refilled since."""
 
+    sliceable: bool
+    """A window holds a fixed budget (limit) that lease mode can split into slices, one per
+    node, whose sum never exceeds it. A sliding window's budget depends on the previous
+    window's weight at each instant and a token bucket's on its refill: neither has one."""
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         """Admit ``cost`` if it fits (and record it), else record a denial. ``cost`` 0 asks
         whether one unit would fit and consumes nothing."""

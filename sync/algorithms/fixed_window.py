@@ -11,6 +11,7 @@ class FixedWindow:
     past_windows = 0
     debits_remote = False
     windowed_usage = True
+    sliceable = True
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         used = state.cur + state.remote_cur

@@ -12,6 +12,7 @@ class SlidingWindow:
     past_windows = 1
     debits_remote = False
     windowed_usage = True
+    sliceable = False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms

@@ -15,6 +15,7 @@ class TokenBucket:
     past_windows = 0
     debits_remote = True
     windowed_usage = False
+    sliceable = False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms

@@ -191,7 +191,15 @@ def poison_messages(system: ChaosSystem) -> Outcome:
     if leaked:
         return Outcome(outcome.experiment, outcome.allowed, outcome.billed, False,
                        f"poison billed {leaked}")
+    # The valid entry that travelled in a message with poisoned ones is billed all the same.
+    kept = system.wait_billed(MIXED_ADMITTED, namespace="mixed")
+    if kept != MIXED_ADMITTED:
+        return Outcome(outcome.experiment, outcome.allowed, outcome.billed, False,
+                       f"valid entry beside poison billed {kept} of {MIXED_ADMITTED}")
     return outcome
+
+
+MIXED_ADMITTED = 7
 
 
 def poison_payloads() -> list[bytes]:
@@ -225,6 +233,9 @@ def poison_payloads() -> list[bytes]:
         raw(v=99),                                          # a newer version
         usage(start=window + 1, key="e" * 32),              # misaligned window
         usage(start=window + 10 * HOUR_MS, key="f" * 32),   # future window
+        raw(entries=[["pois\x00n", "b" * 32, window, 1, 0, 0],   # one bad entry, one good
+                     ["mixed", "b" * 32, window, MIXED_ADMITTED, 0, 0],
+                     ["poison", "b" * 32, window, 2**63, 0, 0]]),
         b"\xc1 not msgpack",
         b"",
     ]

@@ -107,6 +107,9 @@ class CheckResult:
     retry_after_ms: int | None
     mode: str
     source: str
+    # True when the namespace's shadow_mode admitted a check it would have denied. Nodes
+    # without shadow mode leave the field out of their answer: False then.
+    shadowed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,13 @@ def _str(data: dict[str, Any], key: str) -> str:
     return value
 
 
+def _bool(data: dict[str, Any], key: str, *, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be a boolean, got {value!r}")
+    return value
+
+
 def _parse_result(data: Any) -> CheckResult:
     if not isinstance(data, dict):
         raise TypeError("check result must be an object")
@@ -241,6 +251,7 @@ def _parse_result(data: Any) -> CheckResult:
         retry_after_ms=None if data.get("retry_after_ms") is None else _int(data, "retry_after_ms"),
         mode=_str(data, "mode"),
         source=_str(data, "source"),
+        shadowed=_bool(data, "shadowed", default=False),
     )
 
 

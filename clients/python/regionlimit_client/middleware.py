@@ -129,8 +129,15 @@ def retry_after_seconds(retry_after_ms: int | None) -> int:
     return max(1, math.ceil((retry_after_ms or 0) / 1000))
 
 
-def rate_limit_headers(result: CheckResult, *, now_ms: int) -> list[tuple[bytes, bytes]]:
+def rate_limit_headers(
+    result: CheckResult, *, now_ms: int, policy_name: str | None = None
+) -> list[tuple[bytes, bytes]]:
     """`RateLimit-Limit/-Remaining/-Reset` (and `Retry-After` when denied), as the node sends.
+
+    With ``policy_name`` (the namespace) also the structured fields of
+    draft-ietf-httpapi-ratelimit-headers-10: `RateLimit-Policy: "name";q=LIMIT` and
+    `RateLimit: "name";r=REMAINING;t=RESET`. The window ``w`` is left out: the answer does
+    not carry the namespace's duration.
 
     The node has its own copy (region_node/http.py): this package cannot import the server,
     and the server must not depend on the client for its own headers.
@@ -141,6 +148,9 @@ def rate_limit_headers(result: CheckResult, *, now_ms: int) -> list[tuple[bytes,
         (b"ratelimit-remaining", str(result.remaining).encode()),
         (b"ratelimit-reset", str(reset).encode()),
     ]
+    if policy_name is not None:
+        headers.append((b"ratelimit-policy", f'"{policy_name}";q={result.limit}'.encode()))
+        headers.append((b"ratelimit", f'"{policy_name}";r={result.remaining};t={reset}'.encode()))
     if not result.allowed:
         headers.append((b"retry-after", str(retry_after_seconds(result.retry_after_ms)).encode()))
     return headers
@@ -265,7 +275,9 @@ class RateLimitMiddleware:
             await self._limiter_failed(scope, receive, send, namespace, identifier, error)
             return
 
-        headers = rate_limit_headers(result, now_ms=time.time_ns() // 1_000_000)
+        headers = rate_limit_headers(
+            result, now_ms=time.time_ns() // 1_000_000, policy_name=namespace
+        )
         if not result.allowed:
             body = {
                 "error": {

@@ -126,6 +126,16 @@ def test_check_parses_the_answer_and_sends_the_token() -> None:
     assert recorder.headers[0]["authorization"] == "Bearer node-token"
 
 
+def test_check_reads_shadowed_when_the_node_sends_it() -> None:
+    shadowed = {**ALLOWED, "remaining": 0, "shadowed": True}
+    with sync_client(Recorder(answer_json(shadowed))) as client:
+        assert client.check("api", "k").shadowed is True
+    with sync_client(Recorder(answer_json({**ALLOWED, "shadowed": False}))) as client:
+        assert client.check("api", "k").shadowed is False
+    with sync_client(Recorder(answer_json(ALLOWED))) as client:  # an older node: no field
+        assert client.check("api", "k").shadowed is False
+
+
 def test_a_4xx_raises_request_rejected_with_fields_whatever_on_error() -> None:
     body = {"error": {"code": "invalid_field", "field": "cost", "message": "cost must be 0..10"}}
     client = sync_client(answer_json(body, 422), on_error="open")
@@ -442,6 +452,31 @@ def test_rate_limit_headers_round_up_and_add_retry_after_when_denied() -> None:
     ]
 
 
+def test_rate_limit_headers_add_the_ietf_fields_when_given_a_policy_name() -> None:
+    # draft-ietf-httpapi-ratelimit-headers-10: RateLimit-Policy "name";q=... and
+    # RateLimit "name";r=...;t=..., after the RateLimit-Limit/-Remaining/-Reset triple.
+    result = CheckResult(
+        True, 10, 7, reset_at=5_500, retry_after_ms=None, mode="fast", source="local"
+    )
+    plain = rate_limit_headers(result, now_ms=0)
+    assert [name for name, _ in plain] == [
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+    ]
+    named = rate_limit_headers(result, now_ms=0, policy_name="api")
+    assert named[:3] == plain
+    assert named[3:] == [(b"ratelimit-policy", b'"api";q=10'), (b"ratelimit", b'"api";r=7;t=6')]
+    denied = CheckResult(
+        False, 10, 0, reset_at=5_000, retry_after_ms=1001, mode="fast", source="local"
+    )
+    assert rate_limit_headers(denied, now_ms=0, policy_name="api")[3:] == [
+        (b"ratelimit-policy", b'"api";q=10'),
+        (b"ratelimit", b'"api";r=0;t=5'),
+        (b"retry-after", b"2"),
+    ]
+
+
 @pytest.mark.parametrize(("ms", "seconds"), [(1, 1), (999, 1), (1000, 1), (1001, 2), (None, 1)])
 def test_retry_after_seconds(ms: int | None, seconds: int) -> None:
     assert retry_after_seconds(ms) == seconds
@@ -518,6 +553,20 @@ async def test_allowed_requests_get_rate_limit_headers() -> None:
     assert 29 <= int(response.headers["ratelimit-reset"]) <= 30
     assert "retry-after" not in response.headers
     assert recorder.bodies == [{"namespace": "unit", "identifier": "sk_1", "cost": 1}]
+
+
+async def test_the_middleware_sends_the_ietf_fields_named_by_the_namespace() -> None:
+    recorder = Recorder(answer_json({**ALLOWED, "reset_at": int(time.time() * 1000) + 30_000}))
+    async with app_client(make_app(recorder, identifier_header="x-api-key")) as http:
+        allowed = await http.get("/hello", headers={"x-api-key": "sk_1"})
+        # No key: the anonymous namespace decides, and names the fields.
+        recorder.answer = answer_json(DENIED)
+        denied = await http.get("/hello")
+    assert allowed.headers["ratelimit-policy"] == '"unit";q=10'
+    assert allowed.headers["ratelimit"].startswith('"unit";r=7;t=')
+    assert denied.status_code == 429
+    assert denied.headers["ratelimit-policy"] == '"unit:ip";q=10'
+    assert denied.headers["ratelimit"].startswith('"unit:ip";r=0;t=')
 
 
 async def test_denied_requests_get_429_with_the_api_body() -> None:

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings
 
 from regionlimit.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 SETTINGS_DOC = DOCS / "settings.md"

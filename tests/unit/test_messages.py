@@ -61,8 +61,17 @@ BUCKET = build_policy(limit=5, duration="1s", algorithm="token_bucket", burst=7)
 MONTHLY = build_policy(limit=100, duration="month", algorithm="fixed_window")
 FULL = build_policy(limit=3, duration="1h", algorithm="sliding_window", mode="consistent",
                     on_unavailable="closed", timeout="2s")
+def decode_usage_refusing(data: bytes) -> UsageBatch:
+    """decode_usage, where a refused entry counts as the message's fault: the field
+    tests below ask whether each bad field is caught, at the envelope or per entry."""
+    batch = decode_usage(data)
+    if batch.invalid_entries:
+        raise MalformedMessage(batch.invalid_reason)
+    return batch
+
+
 DECODERS: dict[str, Callable[[bytes], Any]] = {
-    "usage": decode_usage,
+    "usage": decode_usage_refusing,
     "totals": decode_totals,
     "snapshot_req": decode_snapshot_request,
     "snapshot": decode_snapshot_page,
@@ -103,7 +112,8 @@ def policies(draw: st.DrawFn, *, full: bool = False) -> Policy:
     if full:
         extra = {"mode": draw(st.sampled_from(["fast", "consistent"])),
                  "on_unavailable": draw(st.sampled_from(["open", "closed"])),
-                 "timeout": draw(st.sampled_from(["1ms", "250ms", "2s", "60s", "1m"]))}
+                 "timeout": draw(st.sampled_from(["1ms", "250ms", "2s", "60s", "1m"])),
+                 "shadow_mode": draw(st.booleans())}
     return build_policy(limit=draw(st.integers(1, MAX_LIMIT)), duration=duration,
                         algorithm=algorithm, burst=burst, **extra)
 
@@ -273,6 +283,20 @@ def test_snapshot_page_round_trip(page: SnapshotPage) -> None:
 @given(configs)
 def test_config_round_trip(config: ConfigUpdate) -> None:
     assert decode_config(encode_config(config)) == config
+
+
+def test_a_config_policy_without_shadow_mode_never_shadows() -> None:
+    """A central from before shadow_mode sends seven policy fields; nodes read them."""
+    shadowed = build_policy(limit=5, duration="1h", shadow_mode=True)
+    data = msgpack.unpackb(encode_config(ConfigUpdate(3, {"api": NamespacePolicies(
+        shadowed, {})})))
+    assert data["namespaces"]["api"][0][7] is True
+    data["namespaces"]["api"][0] = data["namespaces"]["api"][0][:7]
+    decoded = decode_config(msgpack.packb(data))
+    assert decoded.namespaces["api"].policy == build_policy(limit=5, duration="1h")
+    data["namespaces"]["api"][0] += ["yes"]
+    with pytest.raises(MalformedMessage, match="shadow_mode"):
+        decode_config(msgpack.packb(data))
 
 
 @PROPERTY
@@ -512,18 +536,18 @@ def test_negative_counts_are_malformed() -> None:
         raw = unpack(encode_usage(sample_batch()))
         raw["entries"][1][index] = -1
         with pytest.raises(MalformedMessage):
-            decode_usage(pack(raw))
+            decode_usage_refusing(pack(raw))
 
 
 def test_policy_index_out_of_range_is_malformed() -> None:
     raw = unpack(encode_usage(sample_batch()))
     raw["entries"][0][5] = len(raw["policies"])
     with pytest.raises(MalformedMessage):
-        decode_usage(pack(raw))
+        decode_usage_refusing(pack(raw))
     raw["policies"] = []
     raw["entries"][0][5] = 0
     with pytest.raises(MalformedMessage):
-        decode_usage(pack(raw))
+        decode_usage_refusing(pack(raw))
 
 
 def test_decision_error_flag_means_no_decision() -> None:
@@ -612,7 +636,7 @@ def test_times_past_year_9999_are_malformed(field: str) -> None:
                        [UsageEntry("ns", "0" * 32, late if field == "window start" else 0, 1,
                                    0, policy)])
     with pytest.raises(MalformedMessage, match=field):
-        decode_usage(encode_usage(batch))
+        decode_usage_refusing(encode_usage(batch))
 
 
 # --- poison fields (issue 10): decodable, but the ledger or the arithmetic can't hold them --
@@ -644,9 +668,31 @@ def _usage_with(**changes: Any) -> bytes:
 def test_usage_fields_outside_the_api_rules_are_malformed(field: str, value: Any,
                                                           reason: str) -> None:
     with pytest.raises(MalformedMessage, match=reason):
-        decode_usage(_usage_with(**{field: value}))
+        decode_usage_refusing(_usage_with(**{field: value}))
 
 
 def test_the_largest_count_a_node_can_hold_decodes() -> None:
     batch = decode_usage(_usage_with(admitted=MAX_COUNT, denied=MAX_COUNT))
     assert (batch.entries[0].admitted, batch.entries[0].denied) == (MAX_COUNT, MAX_COUNT)
+
+
+def test_a_bad_entry_is_dropped_alone_and_the_rest_of_its_batch_is_kept() -> None:
+    raw = unpack(sample_messages()["usage"])
+    good = raw["entries"][0]
+    raw["entries"] = [good, [*good[:3], 2**63, *good[4:]], ["a\x00b", *good[1:]],
+                      [*good[:5], 99], "not a row", good]
+    batch = decode_usage(pack(raw))
+    assert batch.invalid_entries == 4
+    assert len(batch.entries) == 2
+    assert batch.entries[0] == batch.entries[1]
+    assert batch.entries[0].admitted == good[3]
+
+
+def test_a_bad_policy_drops_only_the_entries_that_use_it() -> None:
+    raw = unpack(sample_messages()["usage"])
+    good = raw["entries"][0]
+    raw["policies"].append([0, "1h", "fixed_window", None])  # limit 0: not a policy
+    raw["entries"] = [good, [*good[:5], len(raw["policies"]) - 1]]
+    batch = decode_usage(pack(raw))
+    assert batch.invalid_entries == 1
+    assert [e.key_hash for e in batch.entries] == [good[1]]

@@ -86,7 +86,10 @@ def test_namespaces_and_overrides_round_trip(central: ManagedProcess, cluster: C
     stored = json.loads(ok(capsys, "namespaces", "get", "api", "--json"))
     assert (stored["limit"], stored["duration"], stored["on_unavailable"]) == (100, "1m",
                                                                               "closed")
-    ok(capsys, "namespaces", "set", "web", "--limit", "5", "--duration", "1h")
+    ok(capsys, "namespaces", "set", "web", "--limit", "5", "--duration", "1h",
+       "--shadow-mode")
+    assert json.loads(ok(capsys, "namespaces", "get", "web", "--json"))["shadow_mode"] is True
+    assert stored["shadow_mode"] is False
     table = ok(capsys, "namespaces", "list").splitlines()
     assert table[0].split()[:3] == ["namespace", "limit", "duration"]
     assert [line.split()[0] for line in table[2:]] == ["api", "web"]

@@ -15,8 +15,13 @@ from hypothesis import strategies as st
 
 from central.ledger import BucketIncrement, ComponentRow
 from central.partitions.snapshot_index import SnapshotIndex
-from central.totals import FUTURE_TOLERANCE_MS, MAX_NAMESPACE_LABELS, GlobalTotals, WindowKey
-from sync.errors import MalformedMessage
+from central.totals import (
+    FUTURE_TOLERANCE_MS,
+    MAX_NAMESPACE_LABELS,
+    CheckpointBatch,
+    GlobalTotals,
+    WindowKey,
+)
 from sync.messages import KeyTotal, UsageBatch, UsageEntry, decode_usage, encode_usage
 from sync.policy import Policy, build_policy
 from sync.windows import HOUR_MS, hour_start, window_bounds
@@ -326,8 +331,8 @@ def test_month_entry_with_huge_window_start_is_rejected_not_raised() -> None:
     out = totals().merge(b, T0)
     assert out.raised == 0
     assert out.rejected == {"future_window": 1}
-    with pytest.raises(MalformedMessage):  # and it does not even get past the decoder
-        decode_usage(encode_usage(b))
+    decoded = decode_usage(encode_usage(b))  # and it does not even get past the decoder
+    assert (decoded.entries, decoded.invalid_entries) == ([], 1)
 
 
 def test_huge_window_start_with_fixed_length_is_rejected() -> None:
@@ -411,11 +416,11 @@ def test_merge_is_commutative(batches: list[UsageBatch], data: st.DataObject) ->
     assert increment_sums(incs_a) == increment_sums(incs_b)
     # Every increment adds up to the components' maxima, per key and region.
     maxima: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for (ns, key_hash, _), window in a.windows.items():
-        for component in window.components.values():
-            m = maxima[(ns, key_hash, component.region)]
-            m[0] += component.admitted
-            m[1] += component.denied
+    for key in a.windows:
+        for node, (admitted, denied) in a.table.components_of(*key).items():
+            m = maxima[(key[0], key[1], node.split("-")[0])]
+            m[0] += admitted
+            m[1] += denied
     assert increment_sums(incs_a) == {k: (x, y) for k, (x, y) in maxima.items() if x or y}
     # Each component is the maximum its node ever sent; each total the sum of them.
     expected: dict[tuple[str, str, int], dict[str, int]] = defaultdict(dict)
@@ -446,7 +451,7 @@ def test_merging_again_in_any_order_changes_nothing(
     assert g.over_admission == over
 
 
-# --- persisting: take_unsaved / return_unsaved, load --------------------------------------
+# --- persisting: checkpoints, load --------------------------------------
 
 
 def test_take_unsaved_rows_carry_the_window_policy_and_counts() -> None:
@@ -459,37 +464,84 @@ def test_take_unsaved_rows_carry_the_window_policy_and_counts() -> None:
     assert g.unsaved == 0
 
 
+def take(g: GlobalTotals) -> CheckpointBatch:
+    return g.take_checkpoint(max_rows=1 << 30, max_buckets=1 << 30, now=T0)
+
+
 @PROPERTY
 @given(first=batch_sets(), second=batch_sets())
-def test_return_unsaved_restores_exactly(first: list[UsageBatch],
-                                         second: list[UsageBatch]) -> None:
+def test_a_released_checkpoint_restores_exactly(first: list[UsageBatch],
+                                                second: list[UsageBatch]) -> None:
     control = merged(first)
     g = merged(first)
-    rows, incs = g.take_unsaved(T0)
-    g.return_unsaved(rows, incs)
+    taken = take(g)
+    g.release(taken)
     assert g.unsaved == control.unsaved
-    again = g.take_unsaved(T0)
-    assert sorted_rows(again[0]) == sorted_rows(rows)
-    assert sorted_incs(again[1]) == sorted_incs(incs)
-    # Returned, then more merges: the next take equals one take of everything.
-    g.return_unsaved(*again)
+    again = take(g)
+    assert sorted_rows(again.rows) == sorted_rows(taken.rows)
+    assert sorted_incs(again.increments) == sorted_incs(taken.increments)
+    # Released, then more merges: the next take equals one take of everything.
+    g.release(again)
     for b in second:
         g.merge(b, T0)
         control.merge(b, T0)
     got, want = g.take_unsaved(T0), control.take_unsaved(T0)
     assert sorted_rows(got[0]) == sorted_rows(want[0])
     assert sorted_incs(got[1]) == sorted_incs(want[1])
+    assert g.durable_through() == g.last_seq
 
 
-def test_returned_increments_add_to_new_ones() -> None:
+def test_released_increments_add_to_new_ones() -> None:
     g = totals()
     g.merge(batch("eu-1", T0, entry(3, 1)), T0)
-    rows, incs = g.take_unsaved(T0)
+    taken = take(g)
     g.merge(batch("eu-1", T0 + 1, entry(5, 1)), T0)
-    g.return_unsaved(rows, incs)
+    g.release(taken)
     rows2, incs2 = g.take_unsaved(T0)
     assert incs2 == [BucketIncrement("ns", K1, "eu", hour_start(T0), 5, 1)]
     assert [(r.admitted, r.denied) for r in rows2] == [(5, 1)]
+
+
+def test_only_merges_written_are_durable() -> None:
+    g = totals()
+    first = g.merge(batch("eu-1", T0, entry(3)), T0)
+    second = g.merge(batch("eu-1", T0, entry(1, key=K2)), T0)
+    assert g.durable_through() == first.seq - 1
+    one = g.take_checkpoint(max_rows=1, max_buckets=1, now=T0)
+    nothing = g.merge(batch("eu-1", T0, entry(2)), T0)  # raises nothing
+    assert nothing.raised == 0
+    assert g.durable_through() == first.seq - 1  # taken is not durable
+    g.confirm(one)
+    assert g.durable_through() == second.seq - 1
+    g.take_unsaved(T0)
+    assert g.durable_through() == nothing.seq
+
+
+def test_a_checkpoint_writes_a_row_once_however_often_it_rose() -> None:
+    """Ledger rows per checkpoint follow the keys, not the check rate: a fixed set of
+    keys at 1 or 50 flushes between checkpoints gives the same rows."""
+    def rows_per_checkpoint(flushes: int) -> tuple[int, int]:
+        g = totals()
+        keys = [f"{i:032x}" for i in range(10)]
+        for n in range(1, flushes + 1):
+            for key in keys:
+                g.merge(batch("eu-1", T0 + n, entry(n, key=key)), T0)
+        rows, incs = g.take_unsaved(T0)
+        return len(rows), len(incs)
+
+    assert rows_per_checkpoint(1) == rows_per_checkpoint(50) == (10, 10)
+
+
+def test_prune_keeps_dirty_rows_and_open_buckets_of_live_windows() -> None:
+    g = totals()
+    old = start_of(MINUTE) - 60_000
+    g.merge(batch("eu-1", T0, entry(1, policy=MINUTE, start=old), entry(4)), T0)
+    assert g.prune(old + 60_000 + RETENTION) == 1
+    rows, incs = g.take_unsaved(T0)
+    assert [(r.window_start, r.admitted) for r in rows] == [(start_of(FIXED), 4)]
+    # Billing is kept for both: the bucket of the pruned window was earned before.
+    assert sorted((i.admitted, i.denied) for i in incs) == [(5, 0)]
+    assert g.durable_through() == g.last_seq
 
 
 @PROPERTY
@@ -583,7 +635,7 @@ def index_contents(index: SnapshotIndex[WindowKey], nodes: set[str]
 
 def expected_contents(g: GlobalTotals, nodes: set[str]) -> dict[str, set[WindowKey]]:
     blocked = {k for k, w in g.windows.items() if w.blocked_until}
-    return {node: {k for k, w in g.windows.items() if node in w.components} | blocked
+    return {node: {k for k in g.windows if node in g.table.components_of(*k)} | blocked
             for node in nodes | {"nobody"}}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from region_node.check_result import CheckResult
 from region_node.http import check_route
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
@@ -60,7 +61,7 @@ async def test_a_stop_while_nats_stalls_spills_what_the_flush_held(
             decision = node.checker.check({"namespace": "api", "identifier": f"user-{i}",
                                            "limit": 100, "duration": "1h",
                                            "algorithm": "fixed_window"})
-            assert isinstance(decision, dict) and decision["allowed"]
+            assert isinstance(decision, CheckResult) and decision.allowed
         # The flush loop takes the usage and then waits on the stalled server (for its
         # 2 s publish timeout); the stop below cancels it right there.
         await until(lambda: node.store.unpublished == 0, "the flush to take the usage")

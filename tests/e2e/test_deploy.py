@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DEPLOY_DOCS = ROOT / "docs" / "deploy.md"
@@ -279,7 +279,7 @@ def test_dockerfile_copies_only_existing_paths_the_dockerignore_keeps() -> None:
             continue  # the README is merged by the lead; pyproject requires it at build
         assert (ROOT / source).exists(), f"COPY {source}: missing in the build context"
         assert not dockerignore_excludes(source, patterns), f".dockerignore drops {source}"
-    for private in (".git/config", ".venv/bin/python", "deploy/.env", "tests/test_deploy.py",
+    for private in (".git/config", ".venv/bin/python", "deploy/.env", "tests/e2e/test_deploy.py",
                     "central/__pycache__/x.pyc"):
         assert dockerignore_excludes(private, patterns), f"{private} reaches the context"
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
@@ -769,7 +769,7 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     k = load_yaml(kfile)
     unsupported = set(k) - KUSTOMIZATION_FIELDS
     assert not unsupported, (f"{kfile}: {sorted(unsupported)} not supported by the offline "
-                             "renderer in tests/test_deploy.py; extend it")
+                             "renderer in tests/e2e/test_deploy.py; extend it")
     assert k.get("kind", "Kustomization") == "Kustomization"
 
     objects: list[dict[str, Any]] = []
@@ -992,8 +992,14 @@ def test_workloads_probes_resources_security(rendered: dict[str, list[dict[str, 
             continue
         (container,) = spec["containers"]
         port = HTTP_PROBES[container["name"]]
-        assert container["ports"] == [{"name": "http", "containerPort": port,
-                                       "protocol": "TCP"}]
+        assert container["ports"][0] == {"name": "http", "containerPort": port,
+                                         "protocol": "TCP"}
+        # Beyond HTTP, only the node's gRPC rate limit service (the Istio example's port).
+        assert container["ports"][1:] == ([{"name": "grpc-rls", "containerPort": 8082,
+                                            "protocol": "TCP"}]
+                                          if container["name"] == "node" else [])
+        if container["name"] == "node":
+            assert env_of(container)["REGIONLIMIT_GRPC_PORT"]["value"] == "8082"
         assert env_of(container)["REGIONLIMIT_PORT"]["value"] == str(port)
         assert env_of(container)["REGIONLIMIT_HOST"]["value"] == "0.0.0.0"
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -1097,7 +1103,7 @@ REQUIRED_ALERTS = {
 CENTRAL_SERIES = {"regionlimit_central_leader", "regionlimit_over_admission_total",
                   "regionlimit_commit_failures_total", "regionlimit_unsaved_rows",
                   "regionlimit_ingest_entries_total", "regionlimit_messages_malformed_total",
-                  "regionlimit_messages_rejected_total"}
+                  "regionlimit_messages_rejected_total", "regionlimit_ledger_quarantined_total"}
 
 
 def test_alert_groups_per_region_and_central() -> None:
@@ -1289,6 +1295,8 @@ SETTINGS_CLASSES = (("region_node.settings", "NodeSettings"),
                     ("regionlimit.cli_settings", "ClientSettings"))
 # The CLI's settings (API.md), until regionlimit.cli_settings exists.
 CLIENT_ENV = {"REGIONLIMIT_CENTRAL_URL", "REGIONLIMIT_ADMIN_TOKEN"}
+# Names that look like settings but are not: the JetStream usage stream (sync/subjects.py).
+NOT_SETTINGS = {"REGIONLIMIT_USAGE"}
 
 
 def settings_env_names() -> tuple[set[str], list[str]]:
@@ -1320,7 +1328,8 @@ def test_every_regionlimit_variable_in_deploy_is_a_setting() -> None:
     for name in ENV_RE.findall(deploy_docs()):
         used.setdefault(name, set()).add("docs/deploy.md")
     assert used, "deploy/ sets REGIONLIMIT_ variables"
-    unknown = {name: sorted(files) for name, files in used.items() if name not in known}
+    unknown = {name: sorted(files) for name, files in used.items()
+               if name not in known | NOT_SETTINGS}
     if missing:
         # Checked against the node and central settings; only the CLI's may remain.
         assert not set(unknown) - CLIENT_ENV, f"not a field of the settings classes: {unknown}"

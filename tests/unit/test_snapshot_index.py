@@ -139,3 +139,14 @@ def all_pages_from(index: SnapshotIndex[str], node: str, cursor: int | None, lim
         keys += page.keys
         cursor = page.next_cursor
     return keys
+
+
+def test_a_blocked_key_first_served_during_paging_is_still_sent() -> None:
+    index: SnapshotIndex[int] = SnapshotIndex()
+    index.blocked(3)
+    index.blocked(0)
+    first = index.page("a", 0, 1)
+    assert first.keys == [3]
+    index.served("a", 0)  # after the node's own log was paged: not sent in phase 0
+    rest = index.page("a", first.next_cursor or 0, 5)
+    assert rest.keys == [0] and rest.next_cursor is None

@@ -44,7 +44,7 @@ algorithm = "token_bucket"
 burst = 4
 """
 RESULT_FIELDS = {"allowed", "limit", "remaining", "reset_at", "retry_after_ms", "mode",
-                 "source"}
+                 "source", "shadowed"}
 INLINE = {"limit": 5, "duration": "1m", "algorithm": "fixed_window"}
 
 
@@ -124,7 +124,8 @@ async def test_allowed_check_fields_and_headers(client: httpx.AsyncClient,
     body = response.json()
     assert set(body) == RESULT_FIELDS
     assert body == {"allowed": True, "limit": 5, "remaining": 4, "reset_at": T0 + MINUTE,
-                    "retry_after_ms": None, "mode": "fast", "source": "local"}
+                    "retry_after_ms": None, "mode": "fast", "source": "local",
+                    "shadowed": False}
     headers = response.headers
     assert headers["content-type"] == "application/json"
     assert headers["ratelimit-limit"] == "5"
@@ -141,7 +142,7 @@ async def test_denied_check_fields_and_headers(client: httpx.AsyncClient,
     assert response.status_code == 200
     assert response.json() == {"allowed": False, "limit": 5, "remaining": 0,
                                "reset_at": T0 + MINUTE, "retry_after_ms": MINUTE - 1_500,
-                               "mode": "fast", "source": "local"}
+                               "mode": "fast", "source": "local", "shadowed": False}
     assert response.headers["ratelimit-remaining"] == "0"
     assert response.headers["ratelimit-reset"] == "59"
     assert response.headers["retry-after"] == "59"

@@ -31,7 +31,7 @@ from tests.support.cluster import (
 from tests.support.nats_topology import ShippedNatsTopology, shipped_js_domain
 from tests.support.processes import ManagedProcess, base_env, free_port, regionlimit_command
 
-COMPOSE = Path(__file__).resolve().parent.parent / "deploy" / "compose.yaml"
+COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "compose.yaml"
 NAMESPACE = "orders"
 
 

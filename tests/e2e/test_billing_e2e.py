@@ -20,6 +20,7 @@ import pytest
 from central.billing.rollups import ROLLUP_LAG_MS
 from central.billing.usage_query import iso, parse_csv
 from sync.windows import month_bounds
+from tests.e2e.test_sync_e2e import batch, publish
 from tests.support.cluster import (
     HOUR_MS,
     Cluster,
@@ -29,7 +30,6 @@ from tests.support.cluster import (
     wait_until,
 )
 from tests.support.nats_server import NatsServer
-from tests.test_sync_e2e import batch, publish
 
 POLICIES = """
 [namespaces.billing]

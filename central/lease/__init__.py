@@ -1,0 +1,1 @@
+"""Lease mode at central: the authority, its grant arithmetic, state and transactions."""

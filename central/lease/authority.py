@@ -1,0 +1,80 @@
+"""The lease-mode authority: hands nodes slices of a key's window budget over NATS.
+
+Every central replica serves the request subject in one queue group, like the
+consistent-mode authority, and every answer is committed before it goes out
+(central/lease/tx.py), so any replica may answer any request and a replica killed
+mid-request loses nothing a node was told. Requests of one key go to one lane of the
+replica, so they wait on each other in memory rather than on the row lock.
+
+This module is the seam a per-partition authority replaces: it needs only a
+LeaseTransactions and a NATS connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from central.lease.tx import LeaseTransactions
+from central.metrics import CentralMetrics
+from sync.errors import MalformedMessage, UnsupportedVersion
+from sync.messages import LeaseGrant, LeaseRequest, decode_lease_request, encode_lease_grant
+from sync.subjects import LEASE, LEASE_QUEUE
+
+log = logging.getLogger("regionlimit.lease_authority")
+LANES = 4
+
+
+class LeaseAuthority:
+    def __init__(self, transactions: LeaseTransactions, *, metrics: CentralMetrics,
+                 lanes: int = LANES) -> None:
+        self._transactions = transactions
+        self._metrics = metrics
+        self._queues: list[asyncio.Queue[tuple[LeaseRequest, Msg]]] = [
+            asyncio.Queue() for _ in range(lanes)]
+        self.requests = Counter("regionlimit_lease_requests", "Lease requests answered",
+                                ["op", "outcome"], registry=metrics.registry)
+
+    async def serve(self, nc: Client) -> None:
+        """Answer lease requests until cancelled."""
+        sub = await nc.subscribe(LEASE, queue=LEASE_QUEUE, cb=self._receive)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for queue in self._queues:
+                    group.create_task(self._lane(queue))
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _receive(self, msg: Msg) -> None:
+        try:
+            request = decode_lease_request(msg.data)
+        except (MalformedMessage, UnsupportedVersion) as exc:
+            self._metrics.malformed.inc()
+            log.warning("dropped a malformed lease request: %s", exc)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(encode_lease_grant(None))
+            return
+        lane = hash((request.namespace, request.key_hash)) % len(self._queues)
+        self._queues[lane].put_nowait((request, msg))
+
+    async def _lane(self, queue: asyncio.Queue[tuple[LeaseRequest, Msg]]) -> None:
+        while True:
+            request, msg = await queue.get()
+            grant: LeaseGrant | None = None
+            try:
+                grant = await self._transactions.handle(request)
+                self.requests.labels(request.op, "ok").inc()
+            except Exception as exc:
+                # The node waits for its timeout or asks again; nothing was granted.
+                log.warning("lease %s failed (%s)", request.op, type(exc).__name__)
+                self._metrics.authority_errors.inc()
+                self.requests.labels(request.op, "error").inc()
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(encode_lease_grant(grant))
