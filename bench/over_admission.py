@@ -24,6 +24,10 @@ three nodes, under the load) is printed per rate; its tail is inflated once the 
 denied, because a total whose only change is denied cost carries the as_of of the last
 admission (see docs/modes-and-accuracy.md).
 
+The system runs with `REGIONLIMIT_BROADCAST_SHARE=0` (as bench/convergence.py), so the lag
+measured first is the lag of a key that is sent; the checks are on keys of three serving
+nodes, for which the interest rule keeps the same bound (docs/modes-and-accuracy.md).
+
 The plot goes to bench/out/over_admission.png, the figures to bench/out/over_admission.json
 (bench/out/ is git-ignored: a run never overwrites the dated record in bench/results/).
 """
@@ -165,7 +169,8 @@ def main() -> None:
           f"per run, {args.repeats} runs per rate")
     started = time.monotonic()
     runs: list[dict[str, Any]] = []
-    with BenchCluster(postgres=args.postgres, policy_toml=convergence.POLICY) as system:
+    with BenchCluster(postgres=args.postgres, policy_toml=convergence.POLICY,
+                      env=convergence.CONVERGENCE_ENV) as system:
         if args.lag_from is not None:
             measured = json.loads(args.lag_from.read_text())
             print(f"  sync lag from {args.lag_from} ({measured['samples']} samples)")

@@ -34,9 +34,11 @@ Measured per stage (all by the load process, from outside central):
   (Postgres flushes these statistics about once a second: approximate);
 - commit lag: how long the oldest usage message not yet acked by central has been in the
   stream (central acks only after its ledger commit), sampled every 250 ms; p99 and max;
-- convergence: every flush, pseudo-node us also publishes a fresh probe key; the time
-  from its publish until a totals broadcast (what nodes apply) carries it; p50, p99, and
-  probes never seen within 10 s;
+- convergence: every flush, pseudo-node us also publishes a fresh probe key, hot from its
+  first unit (its policy's limit is 2, so 1 is at the default broadcast share): the time
+  from its publish until the totals addressed to that node carry it (the observer listens
+  on every totals subject, ``regionlimit.totals.>``); p50, p99, and probes never seen
+  within 10 s. The bulk keys stay cold and travel to no node (the interest rule);
 - lease losses: times central's ``regionlimit_central_leader`` gauge went from 1 to 0;
 - central RSS (from /proc) and RSS per live component (RSS increase since the empty start
   divided by the components in central's ledger).
@@ -172,6 +174,8 @@ async def _load(plan: LoadPlan) -> dict[str, Any]:
     js = nc.jetstream()
     await ensure_usage_stream(js)
     policy = build_policy(limit=LIMIT, duration="month", algorithm="fixed_window")
+    # Hot at once under the default share: addressed to the probing node every time.
+    probe_policy = build_policy(limit=2, duration="month", algorithm="fixed_window")
     window = month_bounds(int(time.time() * 1000))[0]
     nodes = [UsagePublisher(js, node_id=f"bench-{region}-{plan.stage}", region=region)
              for region in REGIONS]
@@ -198,7 +202,8 @@ async def _load(plan: LoadPlan) -> dict[str, Any]:
             if sent is not None:
                 delays_ms.append((seen - sent) * 1000)
 
-    sub = await nc.subscribe(TOTALS, cb=on_totals)
+    sub = await nc.subscribe(f"{TOTALS}.>", cb=on_totals)  # addressed, partitions
+    legacy_sub = await nc.subscribe(TOTALS, cb=on_totals)  # a central of the last release
 
     async def watch_lag() -> None:
         history: list[tuple[float, int]] = []  # (time, stream's last sequence)
@@ -257,7 +262,7 @@ async def _load(plan: LoadPlan) -> dict[str, Any]:
             entries = [UsageEntry(NAMESPACE, hashes[k], window, value, 0, policy)
                        for k, value in keys.items()]
             if node == 0:
-                entries.append(UsageEntry(NAMESPACE, probe, window, 1, 0, policy))
+                entries.append(UsageEntry(NAMESPACE, probe, window, 1, 0, probe_policy))
                 probes[probe] = time.monotonic()
             published_entries += len(entries)
             batches.append(nodes[node].publish(flushed_at, entries))
@@ -282,6 +287,7 @@ async def _load(plan: LoadPlan) -> dict[str, Any]:
         task.cancel()
     with contextlib.suppress(Exception):
         await sub.unsubscribe()
+        await legacy_sub.unsubscribe()
     await nc.close()
     return {"seconds": elapsed, "offered": offered, "entries": published_entries,
             "ingested_at_end": ingested_at_end,

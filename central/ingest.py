@@ -32,9 +32,12 @@ from central.billing.rollups import RollupJob
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.totals import CheckpointBatch, GlobalTotals
+from central.partitions.snapshot_index import SnapshotIndex
+from central.totals import CheckpointBatch, GlobalTotals, WindowKey
+from central.totals_routing import TotalsRouter
 from sync.clock import Clock
 from sync.errors import MalformedMessage, UnsupportedVersion
+from sync.interest import DEFAULT_BROADCAST_SHARE
 from sync.messages import (
     ConfigUpdate,
     SnapshotPage,
@@ -44,8 +47,9 @@ from sync.messages import (
     encode_snapshot_page,
     encode_totals,
 )
+from sync.partitions import DEFAULT_PARTITIONS
 from sync.publisher import StreamLimits, ensure_usage_stream
-from sync.subjects import SNAPSHOT, TOTALS, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
+from sync.subjects import SNAPSHOT, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 
 log = logging.getLogger("regionlimit.central")
 FETCH_BATCH = 500
@@ -66,7 +70,9 @@ class LeaderIngest:
                  totals: GlobalTotals, metrics: CentralMetrics, clock: Clock,
                  commit_interval: float, tick_interval: float,
                  config: Callable[[], Awaitable[ConfigUpdate | None]],
-                 rollup: RollupJob | None = None, max_dirty: int = 200_000,
+                 snapshot_index: SnapshotIndex[WindowKey],
+                 rollup: RollupJob | None = None,
+                 router: TotalsRouter | None = None, max_dirty: int = 200_000,
                  checkpoint_batch: int = 5000, ack_wait: float = ACK_WAIT_S,
                  crash_at: str = "") -> None:
         self._nc = nc
@@ -80,6 +86,11 @@ class LeaderIngest:
         self._tick_interval = tick_interval
         self._config = config
         self._rollup = rollup
+        # Required, not defaulted: it must be the observer ``totals`` was built with (an
+        # index nothing feeds would answer every snapshot with nothing).
+        self._index = snapshot_index
+        self._router = router or TotalsRouter(share=DEFAULT_BROADCAST_SHARE,
+                                              partitions=DEFAULT_PARTITIONS)
         self._max_dirty = max_dirty
         self._checkpoint_batch = checkpoint_batch
         self._crash_at = crash_at
@@ -165,6 +176,7 @@ class LeaderIngest:
                           msg.subject)
             await msg.ack()
             return
+        self._router.legacy.saw(batch)  # whether its node needs the shared totals subject
         if batch.invalid_entries:
             self._metrics.malformed.inc(batch.invalid_entries)
             log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
@@ -266,29 +278,41 @@ class LeaderIngest:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self._tick_interval)
-            changed = self._totals.take_changed()
-            for start in range(0, len(changed), TOTALS_PER_MESSAGE):
-                chunk = changed[start:start + TOTALS_PER_MESSAGE]
+            await self.publish_totals()
+
+    async def publish_totals(self) -> None:
+        """Send the changed totals to who needs them (central/totals_routing.py): cold
+        keys nowhere, hot keys to their serving nodes, blocked keys to every node."""
+        now = self._clock()
+        routed = self._router.route(self._totals.take_changed(), now)
+        for subject, totals in routed.by_subject.items():
+            for start in range(0, len(totals), TOTALS_PER_MESSAGE):
+                chunk = totals[start:start + TOTALS_PER_MESSAGE]
                 try:
-                    await self._nc.publish(TOTALS, encode_totals(
-                        TotalsUpdate(self._clock(), chunk)))
+                    await self._nc.publish(subject, encode_totals(TotalsUpdate(now, chunk)))
                 except nats.errors.Error as exc:
-                    log.warning("totals broadcast failed (%s)", type(exc).__name__)
-                    break
+                    log.warning("totals publication failed (%s)", type(exc).__name__)
+                    return
                 self._metrics.ticks.inc(len(chunk))
+        self._metrics.totals_addressed.inc(routed.addressed)
+        self._metrics.totals_broadcast.inc(routed.broadcast)
 
     async def _answer_snapshot(self, msg: Msg) -> None:
+        """One page of what the asking node needs: the keys it served, then the blocked
+        keys, from the snapshot index in O(page) (never a pass over every key). The cursor
+        is the index's; a node just echoes it."""
         try:
             request = decode_snapshot_request(msg.data)
         except (MalformedMessage, UnsupportedVersion) as exc:
             self._metrics.malformed.inc()
             log.warning("dropped a malformed snapshot request: %s", exc)
             return
-        keys = self._totals.live_keys(self._clock())
-        page = keys[request.cursor:request.cursor + SNAPSHOT_PAGE]
-        end = request.cursor + len(page)
-        reply = SnapshotPage([self._totals.key_total(k) for k in page],
-                             end if end < len(keys) else None,
+        now = self._clock()
+        page = self._index.page(request.node_id, request.cursor, SNAPSHOT_PAGE)
+        # Keys of windows that ended (kept until pruned) are skipped: a page may hold
+        # fewer than SNAPSHOT_PAGE totals, never more.
+        reply = SnapshotPage([self._totals.key_total(k) for k in page.keys
+                              if self._totals.is_live(k, now)], page.next_cursor,
                              await self._config() if request.cursor == 0 else None)
         with contextlib.suppress(nats.errors.Error):
             await msg.respond(encode_snapshot_page(reply))

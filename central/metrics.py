@@ -64,8 +64,15 @@ class CentralMetrics:
         self.authority_errors = Counter("regionlimit_authority_errors",
                                         "Consistent batches that could not be decided",
                                         registry=r)
-        self.ticks = Counter("regionlimit_totals_published", "Key totals broadcast",
+        self.ticks = Counter("regionlimit_totals_published", "Key totals published",
                              registry=r)
+        self.totals_addressed = Counter(
+            "regionlimit_totals_addressed",
+            "Key totals sent to one serving node's own subject (hot keys)", registry=r)
+        self.totals_broadcast = Counter(
+            "regionlimit_totals_broadcast",
+            "Key totals sent on a subject every node hears (blocks; previous-release nodes)",
+            registry=r)
 
     def track_over_admission(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_OverAdmission(read))

@@ -23,8 +23,10 @@ from central.lease.tx import LeaseTransactions
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
 from central.migrate import schema_status
+from central.partitions.snapshot_index import SnapshotIndex
 from central.settings import CentralSettings
-from central.totals import GlobalTotals
+from central.totals import GlobalTotals, WindowKey
+from central.totals_routing import TotalsRouter
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsLink, NatsOptions
 from sync.durations import setting_ms
@@ -179,8 +181,9 @@ class CentralService:
         previous leader had not committed."""
         now = self.clock()
         gc.unfreeze()  # the previous term's state may be collected now
+        index: SnapshotIndex[WindowKey] = SnapshotIndex()  # fed as the ledger loads
         totals = GlobalTotals(retention_ms=self.settings.retention_ms,
-                              over_admission=self.over_admission)
+                              over_admission=self.over_admission, observer=index)
         # In chunks, yielding between them: this loop also answers consistent checks,
         # and one pass over every key-window stalled them past their timeout (issue 10).
         async for rows in self.ledger.stream_components(
@@ -199,6 +202,9 @@ class CentralService:
             clock=self.clock, commit_interval=self.settings.seconds("commit_interval"),
             tick_interval=self.settings.seconds("tick_interval"), config=self.current_config,
             rollup=RollupJob.from_settings(self.engine, self.settings),
+            snapshot_index=index,
+            router=TotalsRouter(share=self.settings.broadcast_share,
+                                partitions=self.settings.partitions),
             max_dirty=self.settings.max_dirty,
             checkpoint_batch=self.settings.checkpoint_batch,
             ack_wait=self.settings.seconds("ack_wait"),

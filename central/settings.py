@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sync.durations import check_interval, setting_ms
+from sync.interest import DEFAULT_BROADCAST_SHARE
+from sync.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from sync.publisher import DEFAULT_STREAM_MAX_BYTES, StreamLimits
 
 
@@ -52,6 +54,11 @@ class CentralSettings(BaseSettings):
     # deposed by a standby; the leader renews it every second.
     lease_timeout: str = "10s"
     log_level: str = "info"
+    # Interest rule (sync/interest.py, central/totals_routing.py): a fixed-window key's
+    # total goes to the nodes serving it once it reaches this share of its limit.
+    broadcast_share: float = Field(default=DEFAULT_BROADCAST_SHARE, ge=0.0, le=1.0)
+    # Key partitions (sync/partitions.py); identical on every node and replica.
+    partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1, le=MAX_PARTITIONS)
     # Lease mode (central/lease/; not the leader lease above): how long a node may spend a
     # slice from the moment it asked, and how long after that the authority waits before
     # taking back what an unheard-from node did not report using ("0" = never take it back).

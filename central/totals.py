@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from central.ledger_rows import BucketIncrement, ComponentRow
 from central.partitions.components import Checkpoint, ComponentTable
@@ -48,6 +48,23 @@ class KeyWindow:
         return 0
 
 
+class TotalsObserver(Protocol):
+    """Told as key-windows change, so an index kept alongside (the snapshot index,
+    central/partitions/snapshot_index.py) never has to scan every key."""
+
+    def served(self, node_id: str, key: WindowKey) -> None:
+        """``node_id`` has its first component in ``key``."""
+
+    def blocked(self, key: WindowKey) -> None:
+        """``key`` became blocked."""
+
+    def unblocked(self, key: WindowKey) -> None:
+        """``key`` is no longer blocked (a newer policy raised its limit)."""
+
+    def removed(self, key: WindowKey, node_ids: list[str]) -> None:
+        """``key`` was pruned; ``node_ids`` had components in it."""
+
+
 @dataclass(slots=True)
 class MergeOutcome:
     raised: int = 0  # components whose maximum rose
@@ -69,8 +86,10 @@ class CheckpointBatch:
 
 class GlobalTotals:
     def __init__(self, *, retention_ms: int,
-                 over_admission: dict[str, int] | None = None) -> None:
+                 over_admission: dict[str, int] | None = None,
+                 observer: TotalsObserver | None = None) -> None:
         self.retention_ms = retention_ms
+        self._observer = observer
         self.windows: dict[WindowKey, KeyWindow] = {}
         self.table = ComponentTable()
         self._changed: set[WindowKey] = set()  # to broadcast at the next tick
@@ -111,19 +130,25 @@ class GlobalTotals:
                 continue
             key = (entry.namespace, entry.key_hash, start)
             window = self.windows.get(key)
+            was_blocked = False
             if window is None:
                 key = (self._share(entry.namespace), entry.key_hash, self._share(start))
                 window = self.windows[key] = KeyWindow(self._share(end), entry.policy,
                                                        batch.flushed_at)
-            elif batch.flushed_at >= window.policy_at:
-                # The newest policy decides limit and window end (blocks last until it).
-                window.policy, window.policy_at = entry.policy, batch.flushed_at
-                window.window_end = end
+            else:
+                was_blocked = window.blocked_until > 0
+                if batch.flushed_at >= window.policy_at:
+                    # The newest policy decides limit and window end (blocks last until it).
+                    window.policy, window.policy_at = entry.policy, batch.flushed_at
+                    window.window_end = end
             increase = self.table.merge(
                 namespace=entry.namespace, key_hash=entry.key_hash, window_start=start,
                 node_id=batch.node_id, region=batch.region, admitted=entry.admitted,
                 denied=entry.denied, policy=entry.policy, hour=hour, seq=self._seq)
+            if increase.created and self._observer is not None:
+                self._observer.served(batch.node_id, key)
             if not increase.raised:
+                self._note_block(key, window, was_blocked=was_blocked)
                 continue
             outcome.raised += 1
             if increase.admitted:
@@ -131,7 +156,17 @@ class GlobalTotals:
                 window.as_of = max(window.as_of, batch.flushed_at)
             self._changed.add(key)
             self._measure_over_admission(entry.namespace, window)
+            self._note_block(key, window, was_blocked=was_blocked)
         return outcome
+
+    def _note_block(self, key: WindowKey, window: KeyWindow, *, was_blocked: bool) -> None:
+        if self._observer is None:
+            return
+        blocked = window.blocked_until > 0
+        if blocked and not was_blocked:
+            self._observer.blocked(key)
+        elif was_blocked and not blocked:
+            self._observer.unblocked(key)
 
     def _share(self, value: _Shared) -> _Shared:
         found = self._shared.setdefault(value, value)
@@ -170,16 +205,13 @@ class GlobalTotals:
         self._changed.clear()
         return changed
 
-    def live_keys(self, now: int) -> list[WindowKey]:
-        """Key-windows that can still affect a decision (sliding: one window longer)."""
-        live = []
-        for key, window in self.windows.items():
-            past_windows = ALGORITHMS[window.policy.algorithm].past_windows
-            horizon = window.window_end + past_windows * window.policy.duration.ms
-            if horizon > now:
-                live.append(key)
-        live.sort()
-        return live
+    def is_live(self, key: WindowKey, now: int) -> bool:
+        """The key-window can still affect a decision (sliding: one window longer)."""
+        window = self.windows.get(key)
+        if window is None:
+            return False
+        past_windows = ALGORITHMS[window.policy.algorithm].past_windows
+        return window.window_end + past_windows * window.policy.duration.ms > now
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -250,7 +282,8 @@ class GlobalTotals:
     # --- loading and pruning -----------------------------------------------------------
 
     def load(self, rows: Iterable[ComponentRow]) -> None:
-        """Rebuild from the ledger (a new leader); replaces the in-memory state."""
+        """Rebuild from the ledger (a new leader); replaces the in-memory state. The
+        observer is told of the loaded keys only: give a rebuilt table a new observer."""
         if self._in_flight:
             raise RuntimeError("cannot reload while a checkpoint is in flight")
         self.windows.clear()
@@ -271,13 +304,16 @@ class GlobalTotals:
                     burst=row.burst)
             key = (row.namespace, row.key_hash, row.window_start)
             window = self.windows.get(key)
+            was_blocked = False
             if window is None:
                 end = window_end(policy.duration, row.window_start)
                 key = (self._share(row.namespace), row.key_hash, self._share(row.window_start))
                 window = self.windows[key] = KeyWindow(self._share(end), policy,
                                                        row.updated_at)
-            elif row.updated_at >= window.policy_at:
-                window.policy, window.policy_at = policy, row.updated_at
+            else:
+                was_blocked = window.blocked_until > 0
+                if row.updated_at >= window.policy_at:
+                    window.policy, window.policy_at = policy, row.updated_at
             self.table.load(namespace=row.namespace, key_hash=row.key_hash,
                             window_start=row.window_start, node_id=row.node_id,
                             region=row.region, admitted=row.admitted, denied=row.denied,
@@ -285,6 +321,9 @@ class GlobalTotals:
             window.total += row.admitted
             window.over = max(0, window.total - window.policy.limit)
             self._changed.add(key)
+            if self._observer is not None:
+                self._observer.served(row.node_id, key)
+            self._note_block(key, window, was_blocked=was_blocked)
 
     def prune(self, now: int) -> int:
         """Drop key-windows past retention. Rebuilds the component table, so it must not
@@ -295,6 +334,9 @@ class GlobalTotals:
                    if w.window_end + self.retention_ms <= now]
         for key in expired:
             del self.windows[key]
+            if self._observer is not None:
+                # The table still holds the rows (until the rebuild below).
+                self._observer.removed(key, list(self.table.components_of(*key)))
         # Their rows leave the table in a rebuild, O(table), so only once a quarter of
         # the key-windows waits for it: the cost stays proportional to what is dropped.
         self._expired.extend(expired)

@@ -20,6 +20,7 @@ from sync.algorithms.base import (
     refill,
 )
 from sync.durations import Duration
+from sync.interest import node_keeps
 from sync.messages import KeyTotal, UsageBatch, UsageEntry
 from sync.policy import Policy
 from sync.windows import HOUR_MS, month_bounds, window_bounds
@@ -58,6 +59,7 @@ class CounterStore:
         self._hour_end = 0
         self._sweep: list[str] = []
         self.evictions = 0
+        self.totals_ignored = 0  # received, but for keys this node neither serves nor needs
 
     # --- checks ----------------------------------------------------------------------
 
@@ -191,9 +193,15 @@ class CounterStore:
 
     # --- state from central ------------------------------------------------------------
 
-    def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int
-                     ) -> list[KeyTotal]:
-        """Apply central's totals; returns those that raised a remote count."""
+    def apply_totals(self, totals: Iterable[KeyTotal], node_id: str, now: int, *,
+                     addressed: bool = True) -> list[KeyTotal]:
+        """Apply central's totals; returns those that raised a remote count.
+
+        ``addressed``: central sent these to this node (its own subject, its snapshot).
+        Otherwise (a shared subject) a total is kept only for a key this node serves (it
+        holds state for it or has a component in it) or that is blocked: the interest rule
+        of sync/interest.py, so a node holds what it serves, not every key of every
+        region."""
         if now >= self._hour_end:
             self._seal_hour(now)  # rolling a window below must not move usage across hours
         raised = []
@@ -214,7 +222,12 @@ class CounterStore:
             if horizon <= now and total.blocked_until <= now:
                 continue
             if state is None:
-                if remote <= 0 and total.blocked_until <= now:
+                blocked = total.blocked_until > now
+                if not node_keeps(served_in_window=node_id in total.components,
+                                  addressed=addressed, blocked=blocked):
+                    self.totals_ignored += 1
+                    continue
+                if remote <= 0 and not blocked:
                     continue
                 state = self._states[key] = KeyState(policy, start, end, now)
             elif start >= state.cur_end:

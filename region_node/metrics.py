@@ -55,6 +55,9 @@ class NodeMetrics(Collector):
         self.counters: dict[str, int] = {
             "batches_published": 0, "batches_failed": 0, "messages_malformed": 0,
             "snapshots_loaded": 0, "spilled_entries": 0, "stream_check_failures": 0,
+            # Totals from central by how they came (sync/listener.py).
+            "totals_received_addressed": 0, "totals_received_shared": 0,
+            "totals_ignored": 0,  # received on a shared subject for a key not needed here
         }
         self.gauges: dict[str, Callable[[], float]] = {}
         self.sync_state: Callable[[], str] = lambda: "standalone"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import socket
 from typing import Any
@@ -33,9 +34,12 @@ EVICTION_INTERVAL_S = 1.0
 
 
 def make_node_id(region: str) -> str:
-    """Unique per process start: a restarted node never reuses its former component."""
-    host = socket.gethostname().split(".")[0][:32] or "host"
-    return f"{region}.{host}.{secrets.token_hex(4)}"
+    """Unique per process start: a restarted node never reuses its former component. One
+    NATS subject token (totals addressed to the node travel on
+    ``regionlimit.totals.node.<id>``), so the host name is cut to letters, digits,
+    ``_`` and ``-`` (the region already is)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0][:32]) or "host"
+    return f"{region}-{host}-{secrets.token_hex(4)}"
 
 
 class RegionNode:

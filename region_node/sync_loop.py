@@ -122,7 +122,8 @@ class NodeSync:
         self._js = js = self.link.jetstream()
         self._publisher = UsagePublisher(js, node_id=self.node_id, region=self.region)
         if self._listener is None:
-            self._listener = StateListener(nc, on_totals=self._apply_totals,
+            self._listener = StateListener(nc, node_id=self.node_id,
+                                           on_totals=self._apply_totals,
                                            on_config=self._apply_config,
                                            on_malformed=self._malformed)
             await self._listener.subscribe()
@@ -171,7 +172,8 @@ class NodeSync:
             self.node_id, timeout=self._snapshot_timeout)
         if config is not None:
             self._apply_config(config)
-        self._store.apply_totals(totals, self.node_id, self._clock())
+        # The snapshot holds what central picked for this node: addressed.
+        self._store.apply_totals(totals, self.node_id, self._clock(), addressed=True)
         self._metrics.counters["snapshots_loaded"] += 1
         self.snapshot_ok = True
         self.reason = "in sync with central"
@@ -180,13 +182,19 @@ class NodeSync:
 
     # --- inbound state -----------------------------------------------------------------
 
-    def _apply_totals(self, update: TotalsUpdate) -> None:
+    def _apply_totals(self, update: TotalsUpdate, addressed: bool) -> None:
         now = self._clock()
+        self._metrics.counters[
+            "totals_received_addressed" if addressed else "totals_received_shared"
+        ] += len(update.totals)
+        ignored_before = self._store.totals_ignored
         # Lag is measured only where other nodes' usage reached this node's count: a total
         # re-sent for a denial, or for this node's own usage, says nothing about the lag.
-        for total in self._store.apply_totals(update.totals, self.node_id, now):
+        for total in self._store.apply_totals(update.totals, self.node_id, now,
+                                              addressed=addressed):
             if total.as_of:
                 self._metrics.sync_lag.observe(max(0, now - total.as_of) / 1000)
+        self._metrics.counters["totals_ignored"] += self._store.totals_ignored - ignored_before
 
     def _apply_config(self, config: ConfigUpdate) -> None:
         if config.version < self._resolver.central_version:

@@ -99,7 +99,9 @@ def blind_excess(*, limit: int, share: float, rates_per_s: Iterable[float],
     key was cold): at most ``share * limit`` was flushed, plus what the nodes admitted in
     the delay D before the first total reached them."""
     _check_share(share)
-    return max(0.0, share * limit + sum(rates_per_s) * delay_s - limit)
+    # Written as steady - (1 - share) * limit, not share * limit + steady - limit: in floats
+    # the latter can round above the steady excess it can never exceed.
+    return max(0.0, sum(rates_per_s) * delay_s - (1.0 - share) * limit)
 
 
 def over_admission_bound(*, limit: int, share: float, rates_per_s: Iterable[float],

@@ -43,6 +43,10 @@ class UsageBatch:
     region: str
     flushed_at: int
     entries: list[UsageEntry]
+    # The sending node listens for totals addressed to it (regionlimit.totals.node.<id>)
+    # and on the partition subjects. Absent from a previous release's batches: central
+    # then keeps the shared totals subject going for it (central/totals_routing.py).
+    addressed: bool = True
     # Entries the decoder refused (bad field): dropped one by one, so one poisoned entry
     # never costs the valid usage that travelled with it.
     invalid_entries: int = 0
@@ -186,7 +190,7 @@ def encode_usage(batch: UsageBatch) -> bytes:
     return _pack({
         "v": USAGE_VERSION, "t": "usage", "node": batch.node_id, "region": batch.region,
         "sent": batch.flushed_at, "policies": [_policy_fields(p) for p in policies],
-        "entries": rows,
+        "entries": rows, **({"addr": True} if batch.addressed else {}),
     })
 
 
@@ -208,6 +212,11 @@ def decode_usage(data: bytes) -> UsageBatch:
     rows = obj.get("entries")
     if not isinstance(rows, list):
         raise MalformedMessage("bad entries")
+    # An optional field of version 2 (a previous central ignores it, so a node of this
+    # release is still counted by it).
+    addressed = obj.get("addr", False)
+    if not isinstance(addressed, bool):
+        raise MalformedMessage("bad addressed mark")
     policies: list[Policy | None] = []
     if version >= 2:
         raw_policies = obj.get("policies")
@@ -221,7 +230,8 @@ def decode_usage(data: bytes) -> UsageBatch:
             entries.append(_usage_entry(row, version, policies))
         except MalformedMessage as exc:
             reason = reason or exc.reason
-    return UsageBatch(node_id, region, flushed_at, entries, len(rows) - len(entries), reason)
+    return UsageBatch(node_id, region, flushed_at, entries, addressed=addressed,
+                      invalid_entries=len(rows) - len(entries), invalid_reason=reason)
 
 
 def _optional(decode: Callable[..., T], *args: Any) -> T | None:

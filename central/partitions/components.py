@@ -110,6 +110,7 @@ class Checkpoint:
 class Increase:
     admitted: int
     denied: int
+    created: bool = False  # the component is new (first merge from this node)
 
     @property
     def raised(self) -> bool:
@@ -117,6 +118,7 @@ class Increase:
 
 
 NO_INCREASE = Increase(0, 0)
+_CREATED_EMPTY = Increase(0, 0, created=True)
 BucketKey = tuple[int, str, int, int]  # namespace id, key hash, region id, hour start
 
 
@@ -240,7 +242,8 @@ class ComponentTable:
         node = self.nodes.id(node_id)
         row = self._row_of(slot, node)
         policy_id = self.policies.id(policy)
-        if row == NO_ROW:
+        created = row == NO_ROW
+        if created:
             row = len(self._slot)
             self._slot.append(slot)
             self._node.append(node)
@@ -255,14 +258,14 @@ class ComponentTable:
         more_admitted = max(0, admitted - self._admitted[row])
         more_denied = max(0, denied - self._denied[row])
         if not more_admitted and not more_denied:
-            return NO_INCREASE
+            return _CREATED_EMPTY if created else NO_INCREASE
         self._admitted[row] += more_admitted
         self._denied[row] += more_denied
         self._policy[row] = policy_id
         self._mark_dirty(row, seq)
         self._add_to_bucket((self.namespaces.id(namespace), key_hash, self._region[row], hour),
                             more_admitted, more_denied, seq)
-        return Increase(more_admitted, more_denied)
+        return Increase(more_admitted, more_denied, created)
 
     def load(self, *, namespace: str, key_hash: str, window_start: int, node_id: str,
              region: str, admitted: int, denied: int, policy: Hashable) -> None:

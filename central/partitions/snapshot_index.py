@@ -9,8 +9,7 @@ Cursors are sequence numbers, not positions: each appended entry gets the next n
 its log, and removed keys leave a tombstone that compaction drops later without
 renumbering, so a cursor handed out before a compaction stays valid (found by bisection).
 A snapshot pages the node's own log first, then the blocked log (skipping keys already
-sent from the node's log); the cursor says which log and where, and in the blocked log also
-where the node's own log ended, so a key first served after that is not skipped.
+sent from the node's log); the cursor says which log and where.
 
 Keys added during paging land after the cursor and are included; a key removed during
 paging is not sent if not yet reached. Either way the node also receives live updates
@@ -27,11 +26,23 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-_PHASES = 2  # cursor = position * 2 + phase: phase 0 the node's own keys, 1 the blocked keys
-# In phase 1 the position also carries where the node's own log ended when phase 0 did
-# (position = blocked seq * span + own end), so a key served after that is not skipped.
-_OWN_END_SPAN = 1 << 32
+# cursor = value * 4 + phase. Phase 0: the node's own keys, value = seq in its log.
+# Phase 1: the blocked keys the node does not serve, value = blocked seq << 24 | where
+# the node's log ended when phase 0 did. Phase 3: the node's keys appended since (it
+# started serving them during the snapshot), value = seq in its log. Phase 2 is phase 1
+# when the two numbers do not fit (huge logs): phase 3 then starts from the log's start
+# and may send keys again (harmless: nodes merge by maximum). Cursors stay below 2**53
+# (the wire's count limit).
+_PHASES = 4
+_OWN_BITS = 24
+_BLOCKED_MAX = 1 << 27  # 27 + 24 + 2 bits < 53
 _COMPACT_SHARE = 0.5  # compact a log once half its entries are tombstones
+
+
+def _blocked_cursor(blocked_seq: int, own_end: int) -> int:
+    if own_end < 1 << _OWN_BITS and blocked_seq < _BLOCKED_MAX:
+        return ((blocked_seq << _OWN_BITS) | own_end) * _PHASES + 1
+    return blocked_seq * _PHASES + 2
 
 
 @dataclass(slots=True)
@@ -129,37 +140,43 @@ class SnapshotIndex(Generic[K]):
         """One page of the keys ``node_id`` needs; ``cursor`` 0 starts, None ends."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
-        position, phase = divmod(cursor, _PHASES)
+        seq, phase = divmod(cursor, _PHASES)
         own = self._served.get(node_id)
         found: list[K] = []
+        own_end = 0  # phase 0 covered the node's log below this seq
         if phase == 0:
             if own is not None:
-                found, resume, _ = own.page(position, limit)
+                found, resume, _ = own.page(seq, limit)
                 if resume is not None:
                     return SnapshotPageKeys(found, resume * _PHASES)
-            seq, own_end = 0, (own.next_seq if own is not None else 0)
-        else:
-            seq, own_end = divmod(position, _OWN_END_SPAN)
+                own_end = own.next_seq
+            phase, seq = 1, 0
+        elif phase == 1:
+            seq, own_end = divmod(seq, 1 << _OWN_BITS)
+        if phase in (1, 2):
+            while True:
+                budget = limit - len(found)
+                if budget <= 0:
+                    return SnapshotPageKeys(found, _blocked_cursor(seq, own_end))
+                blocked, resume, _ = self._blocked.page(seq, budget)
+                # A key the node serves goes out from its own log: in phase 0, or in
+                # phase 3 if it started serving it after phase 0 passed.
+                fresh = [k for k in blocked if own is None or k not in own.where]
+                found += fresh
+                if resume is None:
+                    break
+                seq = resume
+                if len(fresh) < len(blocked):
+                    # Skipped keys: end the page here rather than loop on, so a page
+                    # never costs more than twice its size.
+                    return SnapshotPageKeys(found, _blocked_cursor(seq, own_end))
+            seq = own_end
+        own = self._served.get(node_id)
+        if own is None:
+            return SnapshotPageKeys(found, None)
         budget = limit - len(found)
-        while budget > 0:
-            blocked, resume, _ = self._blocked.page(seq, budget)
-            # Keys the node served before its own log was paged went out in phase 0; one
-            # it began to serve after that was not sent, so it goes out here.
-            fresh = [k for k in blocked if not _sent_in_phase_0(own, k, own_end)]
-            found += fresh
-            budget -= len(fresh)
-            if resume is None:
-                return SnapshotPageKeys(found, None)
-            seq = resume
-            if len(fresh) < len(blocked):
-                # Skipped duplicates: end the page here rather than loop on, so a page
-                # never costs more than twice its size.
-                break
-        return SnapshotPageKeys(found, (seq * _OWN_END_SPAN + own_end) * _PHASES + 1)
-
-
-def _sent_in_phase_0(own: _Log[K] | None, key: K, own_end: int) -> bool:
-    if own is None:
-        return False
-    seq = own.where.get(key)
-    return seq is not None and seq < own_end
+        if budget <= 0:
+            return SnapshotPageKeys(found, seq * _PHASES + 3)
+        more, resume, _ = own.page(seq, budget)
+        found += more
+        return SnapshotPageKeys(found, None if resume is None else resume * _PHASES + 3)

@@ -274,3 +274,34 @@ async def test_standalone_node_memory_follows_active_keys(monkeypatch: pytest.Mo
         assert node.store.unpublished == 0
     finally:
         await node.stop()
+
+
+# --- the interest rule on the node (sync/interest.py node_keeps) -----------------------------
+
+
+def test_a_shared_total_is_kept_only_for_a_served_or_blocked_key() -> None:
+    store = CounterStore()
+    now = T0 + 1
+    cold = KeyTotal(NS, key(20), T0, 4, {"other": 4}, 0, FIXED)
+    store.apply_totals([cold], "me", now, addressed=False)
+    assert store.get(NS, key(20)) is None and store.totals_ignored == 1
+    # Central names this node as a server of the key (it flushed usage for it): kept.
+    mine = KeyTotal(NS, key(21), T0, 5, {"other": 4, "me": 1}, 0, FIXED)
+    store.apply_totals([mine], "me", now, addressed=False)
+    state = store.get(NS, key(21))
+    assert state is not None and state.remote_cur == 4
+    # A blocked key reaches every node and is kept.
+    blocked = KeyTotal(NS, key(22), T0, 10, {"other": 10}, T0 + MINUTE, FIXED)
+    store.apply_totals([blocked], "me", now, addressed=False)
+    state = store.get(NS, key(22))
+    assert state is not None and state.blocked_until == T0 + MINUTE
+    # A key this node checks is served: later shared totals for it are applied.
+    store.check(NS, key(23), FIXED, 1, now)
+    store.apply_totals([KeyTotal(NS, key(23), T0, 7, {"other": 6}, 0, FIXED)], "me", now,
+                       addressed=False)
+    state = store.get(NS, key(23))
+    assert state is not None and state.remote_cur == 7
+    # Addressed totals are kept as before.
+    store.apply_totals([KeyTotal(NS, key(24), T0, 3, {"other": 3}, 0, FIXED)], "me", now)
+    assert store.get(NS, key(24)) is not None
+    assert store.totals_ignored == 1 and store.active_keys == 4

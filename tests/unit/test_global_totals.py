@@ -6,7 +6,6 @@ Pure: batches are built in memory, every call takes an explicit ``now`` (epoch m
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, defaultdict
 from dataclasses import replace
 
@@ -15,11 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from central.ledger import BucketIncrement, ComponentRow
+from central.partitions.snapshot_index import SnapshotIndex
 from central.totals import (
     FUTURE_TOLERANCE_MS,
     MAX_NAMESPACE_LABELS,
     CheckpointBatch,
     GlobalTotals,
+    WindowKey,
 )
 from sync.messages import KeyTotal, UsageBatch, UsageEntry, decode_usage, encode_usage
 from sync.policy import Policy, build_policy
@@ -554,7 +555,8 @@ def test_load_rebuilds_the_merged_state(batches: list[UsageBatch]) -> None:
     assert without_as_of(loaded) == without_as_of(g)
     assert {k: w.window_end for k, w in loaded.windows.items()} == {
         k: w.window_end for k, w in g.windows.items()}
-    assert sorted(loaded.live_keys(T0)) == sorted(g.live_keys(T0))
+    assert {k for k in loaded.windows if loaded.is_live(k, T0)} == {
+        k for k in g.windows if g.is_live(k, T0)}
     assert {t.window_start for t in loaded.take_changed()} == {k[2] for k in g.windows}
     # Redelivered batches after a leader change raise nothing and count no over-admission.
     for b in batches:
@@ -595,22 +597,76 @@ def test_prune_removes_expired_windows_only() -> None:
     assert g.take_changed() == []
 
 
-def test_live_keys_follow_each_algorithm_horizon() -> None:
+def test_liveness_follows_each_algorithm_horizon() -> None:
     g = totals()
     g.merge(batch("eu-1", T0, entry(1, policy=FIXED, ns="f"), entry(1, policy=SLIDING, ns="s"),
                   entry(1, policy=BUCKET, ns="t")), T0)
     end = end_of(FIXED)
     start = start_of(FIXED)
-    assert g.live_keys(T0) == [("f", K1, start), ("s", K1, start), ("t", K1, start)]
-    assert g.live_keys(end - 1) == [("f", K1, start), ("s", K1, start), ("t", K1, start)]
-    assert g.live_keys(end) == [("s", K1, start)]
-    assert g.live_keys(end + HOUR_MS - 1) == [("s", K1, start)]
-    assert g.live_keys(end + HOUR_MS) == []
+
+    def live(now: int) -> list[tuple[str, str, int]]:
+        return sorted(k for k in g.windows if g.is_live(k, now))
+
+    assert live(T0) == [("f", K1, start), ("s", K1, start), ("t", K1, start)]
+    assert live(end - 1) == [("f", K1, start), ("s", K1, start), ("t", K1, start)]
+    assert live(end) == [("s", K1, start)]
+    assert live(end + HOUR_MS - 1) == [("s", K1, start)]
+    assert live(end + HOUR_MS) == []
+    assert not g.is_live(("f", K2, start), T0)  # unknown key
 
 
-def test_live_keys_are_sorted() -> None:
-    g = totals()
-    keys = list(itertools.product(["b", "a", "c"], [K2, K1]))
-    for ns, key in keys:
-        g.merge(batch("eu-1", T0, entry(1, ns=ns, key=key)), T0)
-    assert g.live_keys(T0) == sorted((ns, key, start_of(FIXED)) for ns, key in keys)
+# --- the snapshot index fed as keys change ------------------------------------------------
+
+
+def index_contents(index: SnapshotIndex[WindowKey], nodes: set[str]
+                   ) -> dict[str, set[WindowKey]]:
+    found = {}
+    for node in nodes | {"nobody"}:
+        keys: list[WindowKey] = []
+        cursor: int | None = 0
+        while cursor is not None:
+            page = index.page(node, cursor, 3)
+            keys += page.keys
+            cursor = page.next_cursor
+        assert len(keys) == len(set(keys))  # each key once
+        found[node] = set(keys)
+    return found
+
+
+def expected_contents(g: GlobalTotals, nodes: set[str]) -> dict[str, set[WindowKey]]:
+    blocked = {k for k, w in g.windows.items() if w.blocked_until}
+    return {node: {k for k in g.windows if node in g.table.components_of(*k)} | blocked
+            for node in nodes | {"nobody"}}
+
+
+@PROPERTY
+@given(batches=batch_sets())
+def test_the_index_holds_each_nodes_keys_and_the_blocked_ones(batches: list[UsageBatch]
+                                                                ) -> None:
+    index: SnapshotIndex[WindowKey] = SnapshotIndex()
+    g = GlobalTotals(retention_ms=RETENTION, observer=index)
+    for b in batches:
+        g.merge(b, T0)
+    nodes = {b.node_id for b in batches}
+    assert index_contents(index, nodes) == expected_contents(g, nodes)
+    # A new leader's load feeds its index the same way.
+    rows, _ = g.take_unsaved(T0 + 1)
+    loaded_index: SnapshotIndex[WindowKey] = SnapshotIndex()
+    loaded = GlobalTotals(retention_ms=RETENTION, observer=loaded_index)
+    loaded.load_more(rows)
+    assert index_contents(loaded_index, nodes) == expected_contents(loaded, nodes)
+    # Pruning empties it.
+    g.prune(max((w.window_end for w in g.windows.values()), default=0) + RETENTION)
+    assert index_contents(index, nodes) == {n: set() for n in nodes | {"nobody"}}
+
+
+def test_a_raised_limit_unblocks_the_key_in_the_index() -> None:
+    index: SnapshotIndex[WindowKey] = SnapshotIndex()
+    g = GlobalTotals(retention_ms=RETENTION, observer=index)
+    key = ("ns", K1, start_of(FIXED))
+    g.merge(batch("eu-1", T0, entry(10)), T0)
+    assert index_contents(index, {"eu-1"})["nobody"] == {key}
+    loose = build_policy(limit=100, duration="1h", algorithm="fixed_window")
+    g.merge(batch("us-1", T0 + 1, entry(1, policy=loose)), T0 + 1)
+    assert index_contents(index, {"eu-1", "us-1"}) == {
+        "eu-1": {key}, "us-1": {key}, "nobody": set()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -231,7 +232,19 @@ def test_usage_round_trip(batch: UsageBatch) -> None:
 def test_usage_v1_decodes_like_v2(batch: UsageBatch) -> None:
     v1 = encode_usage_v1(batch)
     assert unpack(v1)["v"] == 1
-    assert decode_usage(v1) == decode_usage(encode_usage(batch)) == batch
+    # A version-1 node predates addressed totals: central must keep the shared subject.
+    assert decode_usage(v1) == replace(decode_usage(encode_usage(batch)), addressed=False)
+    assert decode_usage(encode_usage(batch)) == batch
+
+
+def test_a_previous_release_v2_batch_is_not_addressed_and_a_bad_mark_is_malformed() -> None:
+    raw = unpack(encode_usage(sample_batch()))
+    assert raw["addr"] is True
+    del raw["addr"]
+    assert decode_usage(pack(raw)) == replace(sample_batch(), addressed=False)
+    raw["addr"] = 1
+    with pytest.raises(MalformedMessage, match="addressed"):
+        decode_usage(pack(raw))
 
 
 def test_usage_v2_deduplicates_policies() -> None:
@@ -509,7 +522,8 @@ def test_bad_namespace_key_in_config_or_components_is_malformed(name: str) -> No
 @pytest.mark.parametrize("name", sorted(sample_messages()))
 def test_missing_field_is_malformed(name: str) -> None:
     raw = unpack(sample_messages()[name])
-    optional = {"snapshot": {"next", "config"}, "decision": {"retry"}}.get(name, set())
+    optional = {"snapshot": {"next", "config"}, "decision": {"retry"}, "usage": {"addr"}
+                }.get(name, set())
     for field in sorted(set(raw) - {"v", "t"} - optional):
         broken = dict(raw)
         del broken[field]
@@ -547,7 +561,7 @@ def test_decision_error_flag_means_no_decision() -> None:
 def test_empty_batch_with_no_policies_decodes() -> None:
     batch = UsageBatch("n", "eu", 5, [])
     assert decode_usage(encode_usage(batch)) == batch
-    assert decode_usage(encode_usage_v1(batch)) == batch
+    assert decode_usage(encode_usage_v1(batch)) == replace(batch, addressed=False)
 
 
 # --- fuzzing ---------------------------------------------------------------------------

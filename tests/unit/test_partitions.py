@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sync.errors import InvalidField
@@ -154,6 +154,7 @@ def test_share_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @given(st.integers(1, 10**6), st.integers(0, 100),
        st.lists(st.floats(0, 10**4), min_size=1, max_size=5), st.floats(0, 10))
+@example(limit=6385, percent=100, rates=[9999.81404537994], delay=1.0)  # float rounding
 def test_the_rule_does_not_widen_the_bound(limit: int, percent: int, rates: list[float],
                                            delay: float) -> None:
     share = percent / 100
