@@ -284,7 +284,11 @@ class LeaderIngest:
         """Send the changed totals to who needs them (central/totals_routing.py): cold
         keys nowhere, hot keys to their serving nodes, blocked keys to every node."""
         now = self._clock()
-        routed = self._router.route(self._totals.take_changed(), now)
+        router = self._router
+        changed = self._totals.take_changed(lambda window: router.wanted(
+            total=window.total, policy=window.policy, blocked_until=window.blocked_until,
+            now=now))
+        routed = router.route(changed, now)
         for subject, totals in routed.by_subject.items():
             for start in range(0, len(totals), TOTALS_PER_MESSAGE):
                 chunk = totals[start:start + TOTALS_PER_MESSAGE]

@@ -14,7 +14,19 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, and_, case, delete, func, or_, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Insert,
+    Table,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -61,6 +73,12 @@ class LedgerStore:
             raise ValueError(f"unsupported database dialect {dialect!r}")
         self._upsert_components = _component_upsert(dialect)
         self._add_buckets = _bucket_upsert(dialect)
+        # Postgres takes a batch as one statement over arrays; refused rows are then
+        # isolated row by row with the plain statements above.
+        self._arrays = dialect == "postgresql"
+        if self._arrays:
+            self._upsert_component_arrays = _component_upsert(dialect, arrays=True)
+            self._add_bucket_arrays = _bucket_upsert(dialect, arrays=True)
 
     async def write(
         self,
@@ -83,12 +101,19 @@ class LedgerStore:
             return 0
         try:
             async with self._write_transaction() as connection:
-                # One executemany per table: asyncpg pipelines the rows of one prepared
-                # statement, and sqlite3 loops in C.
-                if component_rows:
-                    await connection.execute(self._upsert_components, component_rows)
-                if bucket_rows:
-                    await connection.execute(self._add_buckets, bucket_rows)
+                if self._arrays:
+                    if component_rows:
+                        await connection.execute(
+                            self._upsert_component_arrays,
+                            _as_arrays(_COMPONENT_FIELDS, component_rows))
+                    if bucket_rows:
+                        await connection.execute(self._add_bucket_arrays,
+                                                 _as_arrays(_BUCKET_FIELDS, bucket_rows))
+                else:  # SQLite: one executemany per table (sqlite3 loops in C)
+                    if component_rows:
+                        await connection.execute(self._upsert_components, component_rows)
+                    if bucket_rows:
+                        await connection.execute(self._add_buckets, bucket_rows)
             return 0
         except Exception as exc:
             if not refused_row(exc):
@@ -281,8 +306,21 @@ def _greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> Col
     return func.greatest(a, b) if dialect == "postgresql" else func.max(a, b)
 
 
-def _component_upsert(dialect: str) -> Insert:
-    stmt = _insert(dialect)(components)
+def _unnest_insert(table: Table, names: Sequence[str]) -> Insert:
+    """INSERT ... SELECT unnest(:name) for each column: one parameter set of arrays for
+    the whole batch, so a batch is one statement, its rows encoded by the driver in C
+    (an executemany costs SQLAlchemy and asyncpg a parameter set per row)."""
+    arrays = [func.unnest(bindparam(name, type_=ARRAY(table.c[name].type))) for name in names]
+    return postgresql.insert(table).from_select(list(names), select(*arrays))
+
+
+def _as_arrays(names: Sequence[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [row[name] for row in rows] for name in names}
+
+
+def _component_upsert(dialect: str, *, arrays: bool = False) -> Insert:
+    stmt: Any = (_unnest_insert(components, _COMPONENT_FIELDS) if arrays
+                 else _insert(dialect)(components))
     old, new = components.c, stmt.excluded
     newer = and_(new.admitted >= old.admitted, new.denied >= old.denied)
     set_: dict[str, Any] = {
@@ -308,8 +346,9 @@ def _component_upsert(dialect: str) -> Insert:
     return upsert
 
 
-def _bucket_upsert(dialect: str) -> Insert:
-    stmt = _insert(dialect)(usage_hourly)
+def _bucket_upsert(dialect: str, *, arrays: bool = False) -> Insert:
+    stmt: Any = (_unnest_insert(usage_hourly, _BUCKET_FIELDS) if arrays
+                 else _insert(dialect)(usage_hourly))
     old, new = usage_hourly.c, stmt.excluded
     upsert: Insert = stmt.on_conflict_do_update(
         index_elements=list(_BUCKET_KEY),

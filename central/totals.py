@@ -14,7 +14,7 @@ total, policy and over-admission in a small ``KeyWindow``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -200,8 +200,13 @@ class GlobalTotals:
                         {node: admitted for node, (admitted, _) in components.items()},
                         window.blocked_until, window.policy, window.as_of)
 
-    def take_changed(self) -> list[KeyTotal]:
-        changed = [self.key_total(key) for key in self._changed if key in self.windows]
+    def take_changed(self, wanted: Callable[[KeyWindow], bool] | None = None
+                     ) -> list[KeyTotal]:
+        """Totals of the key-windows changed since the last call; with ``wanted``, only
+        of those it accepts (a cold key's total is never built: that is most keys)."""
+        windows = self.windows
+        changed = [self.key_total(key) for key in self._changed
+                   if key in windows and (wanted is None or wanted(windows[key]))]
         self._changed.clear()
         return changed
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from sync.algorithms import ALGORITHMS
 from sync.errors import InvalidField
-from sync.interest import Audience, delivery
+from sync.interest import Audience, delivery, is_hot
 from sync.messages import KeyTotal, UsageBatch
 from sync.partitions import node_totals_subject, partition_of, partition_totals_subject
+from sync.policy import Policy
 from sync.subjects import TOTALS
 
 LEGACY_QUIET_MS = 300_000  # a previous-release node silent this long is gone
@@ -87,6 +88,12 @@ class TotalsRouter:
                 self._node_subjects.clear()
             self._node_subjects[node_id] = subject
         return self._node_subjects[node_id]
+
+    def wanted(self, *, total: int, policy: Policy, blocked_until: int, now: int) -> bool:
+        """Whether a key-window's total goes anywhere (``route`` drops the rest): lets
+        the caller skip building totals of cold keys."""
+        return blocked_until > now or is_hot(
+            total, policy.limit, share=share_for(policy.algorithm, self.share))
 
     def route(self, totals: Iterable[KeyTotal], now: int) -> RoutedTotals:
         routed = RoutedTotals()

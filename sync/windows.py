@@ -9,8 +9,22 @@ from sync.durations import Duration
 HOUR_MS = 3_600_000
 
 
+# The month asked for last: nearly every call (each merged entry, each check) falls in
+# it, and datetime arithmetic costs more than the rest of a merge.
+_last_month = (0, 0)
+
+
 def month_bounds(now_ms: int) -> tuple[int, int]:
     """Start and end (epoch ms) of the UTC calendar month holding ``now_ms``."""
+    global _last_month
+    start, end = _last_month
+    if start <= now_ms < end:
+        return _last_month
+    _last_month = _compute_month_bounds(now_ms)
+    return _last_month
+
+
+def _compute_month_bounds(now_ms: int) -> tuple[int, int]:
     moment = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
     start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     if moment.month == 12:

@@ -670,3 +670,11 @@ def test_a_raised_limit_unblocks_the_key_in_the_index() -> None:
     g.merge(batch("us-1", T0 + 1, entry(1, policy=loose)), T0 + 1)
     assert index_contents(index, {"eu-1", "us-1"}) == {
         "eu-1": {key}, "us-1": {key}, "nobody": set()}
+
+
+def test_take_changed_builds_only_the_wanted_totals_and_forgets_the_rest() -> None:
+    g = totals()
+    g.merge(batch("eu-1", T0, entry(3), entry(9, key=K2)), T0)
+    hot = g.take_changed(lambda window: window.total >= 5)
+    assert [(t.key_hash, t.total) for t in hot] == [(K2, 9)]
+    assert g.take_changed() == []  # the cold one is not owed to a later tick either

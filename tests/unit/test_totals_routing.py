@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from central.settings import CentralSettings
@@ -41,6 +43,19 @@ def test_cold_keys_go_nowhere_hot_ones_to_their_serving_nodes_blocked_to_all() -
     out = router.route([total({"a": 30, "b": 20}), total({"a": 1}, blocked_until=NOW + 1)],
                        NOW)
     assert (out.addressed, out.broadcast) == (2, 1)
+
+
+@given(st.dictionaries(st.sampled_from("abc"), st.integers(1, 150), min_size=1),
+       st.sampled_from([FIXED, SLIDING, BUCKET]), st.sampled_from([0.0, 0.5, 1.0]),
+       st.sampled_from([0, NOW, NOW + 1]))
+def test_wanted_is_exactly_what_route_sends_somewhere(admitted: dict[str, int], policy: Policy,
+                                                      share: float, blocked_until: int) -> None:
+    # The tick skips building the totals ``wanted`` rejects: it must never reject one that
+    # ``route`` would have sent.
+    router = TotalsRouter(share=share, partitions=16)
+    key_total = total(admitted, policy=policy, blocked_until=blocked_until)
+    assert router.wanted(total=key_total.total, policy=policy, blocked_until=blocked_until,
+                         now=NOW) == bool(routed(router, key_total))
 
 
 def test_only_fixed_windows_wait_for_the_share() -> None:
