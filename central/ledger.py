@@ -95,29 +95,34 @@ class LedgerStore:
         and commits everything else. Returns how many rows were quarantined. Any other
         failure (connection, lease) raises and writes nothing.
         """
-        component_rows = [_component_params(row) for row in merge_components(components)]
-        bucket_rows = [_bucket_params(inc) for inc in sum_increments(increments)]
-        if not component_rows and not bucket_rows:
+        merged = merge_components(components)
+        summed = sum_increments(increments)
+        if not merged and not summed:
             return 0
         try:
             async with self._write_transaction() as connection:
                 if self._arrays:
-                    if component_rows:
+                    if merged:
                         await connection.execute(
                             self._upsert_component_arrays,
-                            _as_arrays(_COMPONENT_FIELDS, component_rows))
-                    if bucket_rows:
-                        await connection.execute(self._add_bucket_arrays,
-                                                 _as_arrays(_BUCKET_FIELDS, bucket_rows))
+                            _as_arrays(_COMPONENT_FIELDS, map(_component_values, merged)))
+                    if summed:
+                        await connection.execute(
+                            self._add_bucket_arrays,
+                            _as_arrays(_BUCKET_FIELDS, map(_bucket_values, summed)))
                 else:  # SQLite: one executemany per table (sqlite3 loops in C)
-                    if component_rows:
-                        await connection.execute(self._upsert_components, component_rows)
-                    if bucket_rows:
-                        await connection.execute(self._add_buckets, bucket_rows)
+                    if merged:
+                        await connection.execute(self._upsert_components,
+                                                 [_component_params(r) for r in merged])
+                    if summed:
+                        await connection.execute(self._add_buckets,
+                                                 [_bucket_params(i) for i in summed])
             return 0
         except Exception as exc:
             if not refused_row(exc):
                 raise
+        component_rows = [_component_params(row) for row in merged]
+        bucket_rows = [_bucket_params(inc) for inc in summed]
         async with self._write_transaction() as connection:
             refused = await _isolate(connection, self._upsert_components, component_rows)
             refused_buckets = await _isolate(connection, self._add_buckets, bucket_rows)
@@ -314,8 +319,9 @@ def _unnest_insert(table: Table, names: Sequence[str]) -> Insert:
     return postgresql.insert(table).from_select(list(names), select(*arrays))
 
 
-def _as_arrays(names: Sequence[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {name: [row[name] for row in rows] for name in names}
+def _as_arrays(names: Sequence[str], rows: Iterable[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """Rows of values (in ``names`` order) as one array per column."""
+    return dict(zip(names, map(list, zip(*rows, strict=True)), strict=True))
 
 
 def _component_upsert(dialect: str, *, arrays: bool = False) -> Insert:
