@@ -7,6 +7,9 @@ from datetime import UTC, datetime
 from sync.durations import Duration
 
 HOUR_MS = 3_600_000
+# A token bucket's slices in lease mode belong to no window: this one, which never ends
+# (9999-12-31, the latest time the wire accepts).
+NO_END = 253_402_300_799_999
 
 
 def month_bounds(now_ms: int) -> tuple[int, int]:
@@ -26,6 +29,14 @@ def window_bounds(duration: Duration, now_ms: int) -> tuple[int, int]:
         return month_bounds(now_ms)
     start = now_ms - now_ms % duration.ms
     return start, start + duration.ms
+
+
+def lease_window(algorithm: str, duration: Duration, now_ms: int) -> tuple[int, int]:
+    """What a lease-mode slice belongs to: the window holding ``now_ms``, or for a token
+    bucket, which has no windows, one that never ends (docs/lease-mode.md)."""
+    if algorithm == "token_bucket":
+        return 0, NO_END
+    return window_bounds(duration, now_ms)
 
 
 def window_end(duration: Duration, window_start: int) -> int:

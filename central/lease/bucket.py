@@ -90,17 +90,15 @@ def lease(bucket: Bucket, grants: dict[str, Grant], node_id: str, *, op: str, se
           used: int, want: int, demand: int, now: int, ttl_ms: int,
           horizon_ms: int = DEFAULT_HORIZON_MS) -> tuple[Grant, list[str]]:
     """One request: refill, forfeit ended leases, then grant (``acquire``) or take back
-    (``return``). ``used`` is what the node admitted from its slices of this key, in
-    total. Returns the node's grant and the nodes whose ended leases were dropped."""
+    (``return``). ``node_id`` names one holder of slices whose count ``used`` (what it
+    admitted from them, in total) never restarts: a node that forgets a key comes back
+    under a new holder name (region_node/lease.py). Returns the holder's grant and the
+    holders whose ended leases were dropped."""
     refill(bucket, grants, now)
     dropped = [node for node, g in grants.items() if g.expires_at <= now]
     for node in dropped:
         del grants[node]
     grant = grants.get(node_id)
-    if grant is not None and seq > grant.seq and used < grant.reported:
-        # The node's count restarted (it forgot the key after giving its slice back):
-        # what it was granted before is no longer its to spend.
-        grant.granted = grant.reported = used
     before = grant.granted if grant is not None else 0
     budget = Budget(limit=0, seeded=0, grants=grants, tokens=bucket.tokens)
     if op == "return":

@@ -13,7 +13,7 @@ from central.lease.bucket import Bucket, full_at, lease, new_bucket, refill, und
 from central.lease.grants import Grant
 from sync.policy import build_policy
 
-PROPERTY = settings(max_examples=400, deadline=None,
+PROPERTY = settings(max_examples=1500, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 TTL = 10_000
 UNIT = 1_000  # the policies below refill per second
@@ -72,15 +72,6 @@ def test_an_ended_lease_is_forfeited_and_dropped() -> None:
     assert (g.granted, g.reported, b.tokens) == (6, 5, 1)
 
 
-def test_a_node_that_forgot_the_key_starts_over_from_what_it_says() -> None:
-    b = bucket(10, 1, 10)
-    grants = {"eu": Grant(granted=5, reported=5, expires_at=20_000, seq=3)}
-    g, _ = lease(b, grants, "eu", op="acquire", seq=4, used=0, want=2, demand=0, now=1_000,
-                 ttl_ms=TTL)
-    assert (g.granted, g.reported) == (2, 0)  # not 5 + 2 from a count of 0
-    assert b.tokens == 8
-
-
 def test_full_at_is_when_the_leases_ended_and_the_bucket_refilled() -> None:
     b = bucket(10, 1, 4, at=1_000)
     assert full_at(b, {}) == 7_000
@@ -102,6 +93,7 @@ def test_a_policy_change_keeps_whole_tokens_up_to_the_new_capacity() -> None:
 
 @dataclass
 class Node:
+    holder: str
     spent: int = 0
     granted: int = 0
     deadline: int = 0
@@ -111,9 +103,9 @@ class Node:
 NODES = ("eu", "us", "ap")
 OPS = st.one_of(
     st.tuples(st.just("advance"), st.integers(0, 6_000)),
-    st.tuples(st.just("acquire"), st.sampled_from(NODES), st.integers(0, 6),
+    st.tuples(st.just("acquire"), st.sampled_from(NODES), st.integers(0, 12),
               st.integers(0, 20), st.booleans()),
-    st.tuples(st.just("spend"), st.sampled_from(NODES), st.integers(1, 3)),
+    st.tuples(st.just("spend"), st.sampled_from(NODES), st.integers(1, 12)),
     st.tuples(st.just("return"), st.sampled_from(NODES), st.integers(0, 3), st.booleans()),
     st.tuples(st.just("forget"), st.sampled_from(NODES)),
     st.tuples(st.just("late"), st.sampled_from(NODES), st.integers(0, 6)),
@@ -127,7 +119,7 @@ def test_nodes_never_admit_more_than_one_global_bucket(
         capacity: int, rate: int, ops: list[tuple]) -> None:  # type: ignore[type-arg]
     b = bucket(capacity, rate, capacity)
     grants: dict[str, Grant] = {}
-    nodes = {name: Node() for name in NODES}
+    nodes = {name: Node(name) for name in NODES}
     now = 0
     admitted: list[tuple[int, int]] = []
     for op in ops:
@@ -137,12 +129,13 @@ def test_nodes_never_admit_more_than_one_global_bucket(
             continue
         node = nodes[op[1]]
         if kind == "spend":
-            if now < node.deadline and node.granted - node.spent >= op[2]:
-                node.spent += op[2]
-                admitted.append((now, op[2]))
+            cost = min(op[2], node.granted - node.spent)
+            if now < node.deadline and cost > 0:
+                node.spent += cost
+                admitted.append((now, cost))
         elif kind == "acquire":
             node.seq += 1
-            g, _ = lease(b, grants, op[1], op="acquire", seq=node.seq, used=node.spent,
+            g, _ = lease(b, grants, node.holder, op="acquire", seq=node.seq, used=node.spent,
                          want=min(op[2], capacity), demand=op[3], now=now, ttl_ms=TTL)
             if not op[4]:  # else the reply is lost: the node keeps its old slice
                 node.granted, node.deadline = g.granted, now + TTL
@@ -154,13 +147,15 @@ def test_nodes_never_admit_more_than_one_global_bucket(
                 node.deadline = 0
             node.seq += 1
             if not op[3]:
-                lease(b, grants, op[1], op="return", seq=node.seq, used=node.spent,
+                lease(b, grants, node.holder, op="return", seq=node.seq, used=node.spent,
                       want=keep, demand=0, now=now, ttl_ms=TTL)
-        elif kind == "forget" and now >= node.deadline:
-            nodes[op[1]] = Node(seq=node.seq)  # its lease ended: it may drop the key
+        elif kind == "forget" and (now >= node.deadline or node.granted == node.spent):
+            # It stopped spending (its lease ended, or it gave its slice back): it may
+            # drop the key, and uses a new holder name when it comes back.
+            nodes[op[1]] = Node(f"{node.holder}~", seq=node.seq)
         elif kind == "late":
             # An older request the authority receives after a newer one: ignored.
-            lease(b, grants, op[1], op="acquire", seq=max(0, node.seq - 1), used=0,
+            lease(b, grants, node.holder, op="acquire", seq=max(0, node.seq - 1), used=0,
                   want=min(op[2], capacity), demand=0, now=now, ttl_ms=TTL)
     # Replay the admissions through one bucket that starts full.
     level, at, full = capacity * UNIT, 0, capacity * UNIT
