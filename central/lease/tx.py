@@ -115,18 +115,20 @@ class LeaseTransactions:
         Replicas pruning at once skip each other's rows (Postgres)."""
         now = self._clock()
         c = lease_keys.c
-        query = select(c.namespace, c.key_hash).where(
+        chosen = select(c.namespace, c.key_hash).where(
             c.window_end <= now - PRUNE_GRACE_MS).limit(batch)
         if self._engine.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            chosen = chosen.with_for_update(skip_locked=True)
+        # Keys first, in one statement: on SQLite it takes the write lock at once (a
+        # select first would have to upgrade its read lock, and may find it taken).
         async with self._engine.begin() as connection:
-            keys = [(r.namespace, r.key_hash) for r in await connection.execute(query)]
+            keys = [(r.namespace, r.key_hash) for r in await connection.execute(
+                delete(lease_keys).where(tuple_(c.namespace, c.key_hash).in_(chosen))
+                .returning(c.namespace, c.key_hash))]
             if keys:
                 g = lease_grants.c
                 await connection.execute(delete(lease_grants).where(
                     tuple_(g.namespace, g.key_hash).in_(keys)))
-                await connection.execute(delete(lease_keys).where(
-                    tuple_(c.namespace, c.key_hash).in_(keys)))
         return len(keys)
 
     async def _window(self, request: LeaseRequest) -> LeaseGrant:
