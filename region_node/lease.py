@@ -37,6 +37,7 @@ from region_node.check_result import CheckResult, Source
 from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
+from sync.algorithms import ALGORITHMS
 from sync.clock import Clock
 from sync.connection import NatsLink
 from sync.errors import MalformedMessage, UnsupportedVersion
@@ -131,14 +132,15 @@ class LeaseClient:
         s = self._slices.get(key)
         if s is not None and now < s.window_end and s.policy == policy:
             return s
-        start, end = lease_window(policy.algorithm, policy.duration, now)
+        windowed = ALGORITHMS[policy.algorithm].lease_windows
+        start, end = lease_window(windowed, policy.duration, now)
         fresh = self._slices[key] = Slice(policy, start, end, self._node_id)
         # Within a window the authority counts one grant per node, however many slices
         # the node went through (a returned one, one under a changed limit): a new slice
         # starts from what the node spent, or it could spend those units twice.
         if s is not None and (s.window_start, s.window_end) == (start, end):
             fresh.spent, fresh.holder = s.spent, s.holder
-        elif policy.algorithm == "token_bucket":
+        elif not windowed:
             # No window ends to forget a spent count at: a new name starts a new count.
             self._holders += 1
             fresh.holder = f"{self._node_id}~{self._holders}"
@@ -169,7 +171,7 @@ class LeaseClient:
     def _result(s: Slice, allowed: bool, remaining: int, now: int, source: Source,
                 cost: int) -> Result:
         policy = s.policy
-        if policy.algorithm != "token_bucket":
+        if ALGORITHMS[policy.algorithm].lease_windows:
             retry = None if allowed else max(1, s.window_end - now)
             return CheckResult(allowed, policy.limit, remaining, s.window_end, retry,
                                "lease", source)
@@ -307,7 +309,7 @@ class LeaseClient:
                 continue
             elif mono - s.used_at >= self._idle_s:
                 del self._slices[key]
-                if s.policy.algorithm != "token_bucket":  # its next slice has a new name
+                if ALGORITHMS[s.policy.algorithm].lease_windows:  # else: a new name next
                     self._retired[key] = (s.window_start, s.window_end, s.spent)
                 if s.left(mono) > 0:
                     returns.append(self._give_back(*key, s))

@@ -31,10 +31,11 @@ def window_bounds(duration: Duration, now_ms: int) -> tuple[int, int]:
     return start, start + duration.ms
 
 
-def lease_window(algorithm: str, duration: Duration, now_ms: int) -> tuple[int, int]:
-    """What a lease-mode slice belongs to: the window holding ``now_ms``, or for a token
-    bucket, which has no windows, one that never ends (docs/lease-mode.md)."""
-    if algorithm == "token_bucket":
+def lease_window(windowed: bool, duration: Duration, now_ms: int) -> tuple[int, int]:
+    """What a lease-mode slice belongs to: the window holding ``now_ms``, or when the
+    algorithm has no windows (a token bucket; ``lease_windows``), one that never ends
+    (docs/lease-mode.md)."""
+    if not windowed:
         return 0, NO_END
     return window_bounds(duration, now_ms)
 

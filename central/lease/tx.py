@@ -31,6 +31,7 @@ from central.lease.grants import (
 )
 from central.lease.state import lease_grants, lease_keys
 from central.models import components
+from sync.algorithms import ALGORITHMS
 from sync.clock import Clock
 from sync.messages import LeaseGrant, LeaseRequest
 from sync.windows import NO_END, window_bounds
@@ -57,7 +58,7 @@ class LeaseTransactions:
         self._insert = dialect.insert
 
     async def handle(self, request: LeaseRequest) -> LeaseGrant:
-        if request.policy.algorithm == "token_bucket":
+        if not ALGORITHMS[request.policy.algorithm].lease_windows:
             return await self._bucket(request)
         return await self._window(request)
 

@@ -99,6 +99,11 @@ class Algorithm(Protocol):
     or a token bucket's tokens (withdrawn from one global bucket at central). A sliding
     window's budget depends on the previous window's weight at each instant: no slices."""
 
+    lease_windows: bool
+    """Lease-mode slices belong to a window and its budget. False: to no window; they are
+    tokens withdrawn from the key's one global bucket, which refills (a token bucket;
+    central/lease/bucket.py)."""
+
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         """Admit ``cost`` if it fits (and record it), else record a denial. ``cost`` 0 asks
         whether one unit would fit and consumes nothing."""

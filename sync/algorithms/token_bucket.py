@@ -16,6 +16,7 @@ class TokenBucket:
     debits_remote = True
     windowed_usage = False
     sliceable = True  # slices are tokens withdrawn from one global bucket
+    lease_windows = False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms
