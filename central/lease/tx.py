@@ -147,7 +147,7 @@ class LeaseTransactions:
             row = await self._lock(connection, key, {
                 "window_start": start, "window_end": end, "limit": request.policy.limit,
                 "seeded": sum((seed or {}).values()), "updated_at": now})
-            if row.window_start > start and row.tokens is None:
+            if row.window_start > start:
                 raise WindowAhead(row.window_start)
             if (row.window_start, row.window_end) != (start, end):
                 # A new window (or a new window length): the old grants are spent history.
