@@ -1,8 +1,9 @@
 """Node side of lease mode: answer from this node's slice of a key's budget, no hop.
 
 A slice is the total this node may admit for a key in the current window (for a token
-bucket: in total, see below), granted by the lease authority (central/lease/authority.py), and valid until a local deadline: the
-moment the node SENT the request plus the lease's time to live. The authority's own
+bucket: in total, see below), granted by the lease authority
+(central/lease/authority.py), and valid until a local deadline: the moment the node
+SENT the request plus the lease's time to live. The authority's own
 deadline starts when it decided, which is later, so the node always stops first.
 
 - Enough left in the slice: admit at once (a background refill starts when less than
