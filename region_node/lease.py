@@ -1,8 +1,9 @@
 """Node side of lease mode: answer from this node's slice of a key's budget, no hop.
 
-A slice is the total this node may admit for a key in the current window, granted by the
-lease authority (central/lease/authority.py), and valid until a local deadline: the
-moment the node SENT the request plus the lease's time to live. The authority's own
+A slice is the total this node may admit for a key in the current window (for a token
+bucket: in total, see below), granted by the lease authority
+(central/lease/authority.py), and valid until a local deadline: the moment the node
+SENT the request plus the lease's time to live. The authority's own
 deadline starts when it decided, which is later, so the node always stops first.
 
 - Enough left in the slice: admit at once (a background refill starts when less than
@@ -12,6 +13,10 @@ deadline starts when it decided, which is later, so the node always stops first.
   no answer in time lets ``on_unavailable`` decide (``source: "fallback"``).
 - Unused slices go back when the key falls idle and when the node stops; a new window
   starts from nothing, so window ends need no message.
+- A token bucket's slices are tokens withdrawn from the key's one global bucket at
+  central; they belong to no window (sync/windows.py ``lease_window``). A key that went
+  idle comes back under a new holder name, so its count starts over without a total to
+  remember.
 
 Admitted and denied cost is recorded in the node's counters, so usage is published and
 billed exactly as in fast mode.
@@ -33,13 +38,14 @@ from region_node.check_result import CheckResult, Source
 from region_node.checker import Result
 from region_node.counters import CounterStore
 from region_node.metrics import NodeMetrics
+from sync.algorithms import ALGORITHMS
 from sync.clock import Clock
 from sync.connection import NatsLink
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import LeaseGrant, LeaseRequest, decode_lease_grant, encode_lease_request
 from sync.policy import Policy
 from sync.subjects import LEASE
-from sync.windows import window_bounds
+from sync.windows import lease_window
 
 log = logging.getLogger("regionlimit.lease")
 UNAVAILABLE = (nats.errors.Error, TimeoutError, MalformedMessage, UnsupportedVersion)
@@ -61,6 +67,7 @@ class Slice:
     policy: Policy
     window_start: int
     window_end: int
+    holder: str  # the name the authority knows this node's grant for the key by
     granted: int = 0  # total this node may admit in the window
     spent: int = 0  # admitted from slices in the window
     deadline: float = 0.0  # monotonic; no spending from then on
@@ -95,6 +102,7 @@ class LeaseClient:
         self._retired: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._sweep: list[tuple[str, str]] = []
         self._seq = 0
+        self._holders = 0  # token bucket slices started afresh: each gets its own name
         for name in ("lease_local_answers", "lease_waits", "lease_requests",
                      "lease_requests_failed", "lease_returns"):
             metrics.counters[name] = 0
@@ -125,13 +133,18 @@ class LeaseClient:
         s = self._slices.get(key)
         if s is not None and now < s.window_end and s.policy == policy:
             return s
-        start, end = window_bounds(policy.duration, now)
-        fresh = self._slices[key] = Slice(policy, start, end)
+        windowed = ALGORITHMS[policy.algorithm].lease_windows
+        start, end = lease_window(windowed, policy.duration, now)
+        fresh = self._slices[key] = Slice(policy, start, end, self._node_id)
         # Within a window the authority counts one grant per node, however many slices
         # the node went through (a returned one, one under a changed limit): a new slice
         # starts from what the node spent, or it could spend those units twice.
         if s is not None and (s.window_start, s.window_end) == (start, end):
-            fresh.spent = s.spent
+            fresh.spent, fresh.holder = s.spent, s.holder
+        elif not windowed:
+            # No window ends to forget a spent count at: a new name starts a new count.
+            self._holders += 1
+            fresh.holder = f"{self._node_id}~{self._holders}"
         else:
             retired = self._retired.pop(key, None)
             if retired is not None and retired[0] == start:
@@ -146,19 +159,31 @@ class LeaseClient:
         self._metrics.counters["lease_local_answers"] += 1
         if s.request is None and s.granted - s.spent < s.increment * REFILL_BELOW:
             self._start_request(namespace, key_hash, s, want=0)
-        return self._result(s, True, s.left(mono) + s.free, now, "local")
+        return self._result(s, True, s.left(mono) + s.free, now, "local", cost)
 
     def _deny(self, namespace: str, key_hash: str, s: Slice, cost: int, label: str,
               now: int) -> Result:
         if cost:
             self._store.record(namespace, key_hash, s.policy, cost, False, now)
         self._metrics.count_check(label, False, "local")
-        return self._result(s, False, 0, now, "local")
+        return self._result(s, False, 0, now, "local", cost)
 
-    def _result(self, s: Slice, allowed: bool, remaining: int, now: int, source: Source
-                ) -> Result:
-        retry = None if allowed else max(1, s.window_end - now)
-        return CheckResult(allowed, s.policy.limit, remaining, s.window_end, retry, "lease",
+    @staticmethod
+    def _result(s: Slice, allowed: bool, remaining: int, now: int, source: Source,
+                cost: int) -> Result:
+        policy = s.policy
+        if ALGORITHMS[policy.algorithm].lease_windows:
+            retry = None if allowed else max(1, s.window_end - now)
+            return CheckResult(allowed, policy.limit, remaining, s.window_end, retry,
+                               "lease", source)
+        # Best effort: the node cannot see the global bucket. The cost refills in the
+        # bucket this long from now (sooner if other nodes give tokens back), and it is
+        # full when what the check could not see as remaining has refilled.
+        per_token = policy.duration.ms
+        retry = None if allowed else max(1, -(-max(1, cost) * per_token // policy.limit))
+        missing = max(0, policy.capacity - remaining)
+        return CheckResult(allowed, policy.limit, remaining,
+                           now + -(-missing * per_token // policy.limit), retry, "lease",
                            source)
 
     async def _wait(self, namespace: str, key_hash: str, s: Slice, cost: int, label: str
@@ -238,9 +263,10 @@ class LeaseClient:
         if nc is None or not nc.is_connected:
             return None
         self._seq += 1
-        request = LeaseRequest(op, namespace, key_hash, s.policy, self._node_id,
+        request = LeaseRequest(op, namespace, key_hash, s.policy, s.holder,
                                self._region, window_start=s.window_start, used=s.spent,
-                               seq=self._seq, want=min(want, s.policy.limit), demand=demand)
+                               seq=self._seq, want=min(want, s.policy.capacity),
+                               demand=demand)
         self._metrics.counters["lease_requests"] += 1
         try:
             # Half the timeout per attempt: a request lost with a killed replica leaves
@@ -284,7 +310,8 @@ class LeaseClient:
                 continue
             elif mono - s.used_at >= self._idle_s:
                 del self._slices[key]
-                self._retired[key] = (s.window_start, s.window_end, s.spent)
+                if ALGORITHMS[s.policy.algorithm].lease_windows:  # else: a new name next
+                    self._retired[key] = (s.window_start, s.window_end, s.spent)
                 if s.left(mono) > 0:
                     returns.append(self._give_back(*key, s))
             elif (keep := self._worth_keeping(s, mono)) is not None:

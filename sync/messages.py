@@ -508,7 +508,9 @@ def decode_lease_request(data: bytes) -> LeaseRequest:
         raise MalformedMessage("policy is not in lease mode")
     want = _count(obj.get("want"), "want")
     used = _count(obj.get("used"), "used")
-    if want > policy.capacity or used > policy.limit:
+    # A token bucket's slices belong to no window: what a holder used has no bound.
+    windowed = policy.algorithm != "token_bucket"
+    if want > policy.capacity or (windowed and used > policy.limit):
         raise MalformedMessage("want or used above the limit")
     demand = _count(obj.get("demand"), "demand")
     if demand > MAX_DEMAND:

@@ -7,6 +7,9 @@ from datetime import UTC, datetime
 from sync.durations import Duration
 
 HOUR_MS = 3_600_000
+# A token bucket's slices in lease mode belong to no window: this one, which never ends
+# (9999-12-31, the latest time the wire accepts).
+NO_END = 253_402_300_799_999
 
 
 # The month asked for last: nearly every call (each merged entry, each check) falls in
@@ -40,6 +43,15 @@ def window_bounds(duration: Duration, now_ms: int) -> tuple[int, int]:
         return month_bounds(now_ms)
     start = now_ms - now_ms % duration.ms
     return start, start + duration.ms
+
+
+def lease_window(windowed: bool, duration: Duration, now_ms: int) -> tuple[int, int]:
+    """What a lease-mode slice belongs to: the window holding ``now_ms``, or when the
+    algorithm has no windows (a token bucket; ``lease_windows``), one that never ends
+    (docs/lease-mode.md)."""
+    if not windowed:
+        return 0, NO_END
+    return window_bounds(duration, now_ms)
 
 
 def window_end(duration: Duration, window_start: int) -> int:

@@ -6,6 +6,9 @@ consistent-mode authority, and every answer is committed before it goes out
 mid-request loses nothing a node was told. Requests of one key go to one lane of the
 replica, so they wait on each other in memory rather than on the row lock.
 
+Every replica also prunes ended rows now and then (in bounded batches; replicas skip
+each other's), so the tables hold only the keys in use.
+
 This module is the seam a per-partition authority replaces: it needs only a
 LeaseTransactions and a NATS connection.
 """
@@ -21,7 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from central.lease.tx import LeaseTransactions
+from central.lease.tx import PRUNE_BATCH, LeaseTransactions
 from central.metrics import CentralMetrics
 from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import LeaseGrant, LeaseRequest, decode_lease_request, encode_lease_grant
@@ -29,6 +32,8 @@ from sync.subjects import LEASE, LEASE_QUEUE
 
 log = logging.getLogger("regionlimit.lease_authority")
 LANES = 4
+PRUNE_EVERY_S = 60.0
+PRUNE_ROUNDS = 20  # batches per pass at most: the rest waits for the next pass
 
 
 class LeaseAuthority:
@@ -48,6 +53,7 @@ class LeaseAuthority:
             async with asyncio.TaskGroup() as group:
                 for queue in self._queues:
                     group.create_task(self._lane(queue))
+                group.create_task(self._prune())
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -63,6 +69,17 @@ class LeaseAuthority:
             return
         lane = hash((request.namespace, request.key_hash)) % len(self._queues)
         self._queues[lane].put_nowait((request, msg))
+
+    async def _prune(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            try:
+                for _ in range(PRUNE_ROUNDS):
+                    if await self._transactions.prune() < PRUNE_BATCH:
+                        break
+            except Exception as exc:
+                # The rows wait for the next pass; requests are unaffected.
+                log.warning("lease pruning failed (%s)", type(exc).__name__)
 
     async def _lane(self, queue: asyncio.Queue[tuple[LeaseRequest, Msg]]) -> None:
         while True:

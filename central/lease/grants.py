@@ -41,10 +41,15 @@ class Budget:
     limit: int
     seeded: int
     grants: dict[str, Grant] = field(default_factory=dict)
+    # A token bucket's whole tokens (central/lease/bucket.py): then these are the free
+    # budget, and limit and seeded are unused.
+    tokens: int | None = None
 
     @property
     def free(self) -> int:
         """Budget nobody holds."""
+        if self.tokens is not None:
+            return max(0, self.tokens)
         held = sum(g.granted for g in self.grants.values())
         return max(0, self.limit - self.seeded - held)
 

@@ -5,16 +5,21 @@ missing) by an INSERT ... ON CONFLICT DO NOTHING before it is locked: on Postgre
 replicas creating it at once both go on to lock the one row; on SQLite the INSERT takes
 the database's write lock at once, so the transaction never has to upgrade a read lock.
 Lease requests are refills, not checks, so one transaction per request is plenty.
+
+A windowed key (fixed_window) holds its window's budget; a token bucket key holds the
+key's one global bucket (central/lease/bucket.py). Rows whose window ended, or whose
+bucket refilled with every lease ended, are pruned in bounded batches (``prune``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from central.lease.bucket import Bucket, full_at, lease, new_bucket, under
 from central.lease.grants import (
     DEFAULT_HORIZON_MS,
     Budget,
@@ -26,9 +31,15 @@ from central.lease.grants import (
 )
 from central.lease.state import lease_grants, lease_keys
 from central.models import components
+from sync.algorithms import ALGORITHMS
 from sync.clock import Clock
 from sync.messages import LeaseGrant, LeaseRequest
-from sync.windows import window_bounds
+from sync.windows import NO_END, window_bounds
+
+PRUNE_BATCH = 500
+# Rows are pruned this long after their end: a replica whose clock is behind may still
+# be answering requests of the window that ended.
+PRUNE_GRACE_MS = 60_000
 
 
 class WindowAhead(Exception):
@@ -47,6 +58,81 @@ class LeaseTransactions:
         self._insert = dialect.insert
 
     async def handle(self, request: LeaseRequest) -> LeaseGrant:
+        if not ALGORITHMS[request.policy.algorithm].lease_windows:
+            return await self._bucket(request)
+        return await self._window(request)
+
+    async def _bucket(self, request: LeaseRequest) -> LeaseGrant:
+        now = self._clock()
+        policy = request.policy
+        key = (request.namespace, request.key_hash)
+        fresh = new_bucket(policy, now)
+        async with self._engine.begin() as connection:
+            row = await self._lock(connection, key, {
+                "window_start": 0, "window_end": now, "limit": policy.limit, "seeded": 0,
+                "updated_at": now, "tokens": fresh.level, "tokens_at": now,
+                "unit": fresh.unit})
+            if row.tokens is None or row.tokens_at is None or row.unit is None:
+                # The key was windowed until now: those grants were not tokens.
+                await connection.execute(delete(lease_grants).where(
+                    *_key_filter(lease_grants, key)))
+                bucket, grants = fresh, {}
+            else:
+                bucket = under(Bucket(row.tokens, row.tokens_at, policy.limit, row.unit,
+                                      fresh.full), policy)
+                grants = await _grants(connection, key)
+            grant, dropped = lease(
+                bucket, grants, request.node_id, op=request.op, seq=request.seq,
+                used=request.used, want=request.want, demand=request.demand, now=now,
+                ttl_ms=self._ttl_ms, horizon_ms=self._horizon_ms)
+            if dropped:
+                await connection.execute(delete(lease_grants).where(
+                    *_key_filter(lease_grants, key), lease_grants.c.node_id.in_(dropped)))
+            await connection.execute(lease_keys.update().where(
+                *_key_filter(lease_keys, key)).values(
+                window_start=0, window_end=full_at(bucket, grants), limit=policy.limit,
+                seeded=0, updated_at=now, tokens=bucket.level, tokens_at=bucket.at,
+                unit=bucket.unit))
+            await self._write(connection, key, Budget(0, 0, grants))
+            return LeaseGrant(grant.granted, 0, NO_END, self._ttl_ms, bucket.tokens)
+
+    async def _lock(self, connection: AsyncConnection, key: tuple[str, str],
+                    values: dict[str, int]) -> Any:
+        """The key's row, created with ``values`` when missing, locked. Twice at most: a
+        prune may delete the row between the insert and the lock."""
+        for _ in range(2):
+            await connection.execute(self._insert(lease_keys).values(
+                namespace=key[0], key_hash=key[1], **values).on_conflict_do_nothing())
+            row = (await connection.execute(
+                select(lease_keys).where(*_key_filter(lease_keys, key)).with_for_update())
+            ).first()
+            if row is not None:
+                return row
+        raise LookupError("lease key row vanished twice")
+
+    async def prune(self, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete up to ``batch`` keys, with their grants, whose window ended (or whose
+        bucket refilled with every lease ended) ``PRUNE_GRACE_MS`` ago. Returns how many.
+        Replicas pruning at once skip each other's rows (Postgres)."""
+        now = self._clock()
+        c = lease_keys.c
+        chosen = select(c.namespace, c.key_hash).where(
+            c.window_end <= now - PRUNE_GRACE_MS).limit(batch)
+        if self._engine.dialect.name == "postgresql":
+            chosen = chosen.with_for_update(skip_locked=True)
+        # Keys first, in one statement: on SQLite it takes the write lock at once (a
+        # select first would have to upgrade its read lock, and may find it taken).
+        async with self._engine.begin() as connection:
+            keys = [(r.namespace, r.key_hash) for r in await connection.execute(
+                delete(lease_keys).where(tuple_(c.namespace, c.key_hash).in_(chosen))
+                .returning(c.namespace, c.key_hash))]
+            if keys:
+                g = lease_grants.c
+                await connection.execute(delete(lease_grants).where(
+                    tuple_(g.namespace, g.key_hash).in_(keys)))
+        return len(keys)
+
+    async def _window(self, request: LeaseRequest) -> LeaseGrant:
         now = self._clock()
         start, end = window_bounds(request.policy.duration, now)
         key = (request.namespace, request.key_hash)
@@ -58,13 +144,9 @@ class LeaseTransactions:
                 seed = await _published(connection, key, start)
             await connection.rollback()
         async with self._engine.begin() as connection:
-            await connection.execute(self._insert(lease_keys).values(
-                namespace=key[0], key_hash=key[1], window_start=start, window_end=end,
-                limit=request.policy.limit, seeded=sum((seed or {}).values()),
-                updated_at=now).on_conflict_do_nothing())
-            row = (await connection.execute(
-                select(lease_keys).where(*_key_filter(lease_keys, key)).with_for_update())
-            ).one()
+            row = await self._lock(connection, key, {
+                "window_start": start, "window_end": end, "limit": request.policy.limit,
+                "seeded": sum((seed or {}).values()), "updated_at": now})
             if row.window_start > start:
                 raise WindowAhead(row.window_start)
             if (row.window_start, row.window_end) != (start, end):
@@ -84,7 +166,7 @@ class LeaseTransactions:
             await connection.execute(lease_keys.update().where(
                 *_key_filter(lease_keys, key)).values(
                 window_start=start, window_end=end, limit=request.policy.limit,
-                seeded=seeded, updated_at=now))
+                seeded=seeded, updated_at=now, tokens=None, tokens_at=None, unit=None))
             await self._write(connection, key, budget)
             return LeaseGrant(grant.granted, start, end, self._ttl_ms, budget.free)
 

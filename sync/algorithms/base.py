@@ -95,9 +95,14 @@ class Algorithm(Protocol):
     has refilled since."""
 
     sliceable: bool
-    """A window holds a fixed budget (limit) that lease mode can split into slices, one per
-    node, whose sum never exceeds it. A sliding window's budget depends on the previous
-    window's weight at each instant and a token bucket's on its refill: neither has one."""
+    """Lease mode can split the budget into slices, one per node: a fixed window's limit,
+    or a token bucket's tokens (withdrawn from one global bucket at central). A sliding
+    window's budget depends on the previous window's weight at each instant: no slices."""
+
+    lease_windows: bool
+    """Lease-mode slices belong to a window and its budget. False: to no window; they are
+    tokens withdrawn from the key's one global bucket, which refills (a token bucket;
+    central/lease/bucket.py)."""
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         """Admit ``cost`` if it fits (and record it), else record a denial. ``cost`` 0 asks

@@ -12,6 +12,7 @@ class FixedWindow:
     debits_remote = False
     windowed_usage = True
     sliceable = True
+    lease_windows = True
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         used = state.cur + state.remote_cur

@@ -13,6 +13,7 @@ class SlidingWindow:
     debits_remote = False
     windowed_usage = True
     sliceable = False
+    lease_windows = True  # never leased: sliceable is False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms

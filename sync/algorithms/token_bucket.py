@@ -15,7 +15,8 @@ class TokenBucket:
     past_windows = 0
     debits_remote = True
     windowed_usage = False
-    sliceable = False
+    sliceable = True  # slices are tokens withdrawn from one global bucket
+    lease_windows = False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms

@@ -1,5 +1,5 @@
 """`mode: "lease"` through every door: admin API, operator CLI, inline checks, and the
-422 naming `algorithm` for algorithms lease mode refuses."""
+422 naming `algorithm` for the algorithm lease mode refuses (sliding_window)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def test_admin_api_and_cli_accept_lease_and_refuse_it_for_sliding_windows(
                      "mode": "lease"})
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["field"] == "algorithm"
+    bucket = admin(central.url, "PUT", "/v1/namespaces/burst",
+                   {"limit": 10, "duration": "1m", "algorithm": "token_bucket", "burst": 20,
+                    "mode": "lease"})
+    assert bucket.status_code == 200, bucket.text
     # An override turning a sliding-window namespace's key to lease is refused the same way.
     assert admin(central.url, "PUT", "/v1/namespaces/web",
                  {"limit": 10, "duration": "1h"}).status_code == 200
@@ -78,3 +82,7 @@ async def test_inline_lease_checks_validate_like_any_policy(standalone: RegionNo
             "namespace": "adhoc", "identifier": "x", "limit": 5, "duration": "1m",
             "algorithm": "fixed_window", "mode": "lease"})
         assert ok.status_code == 200 and ok.json()["mode"] == "lease"
+        bucket = await client.post("/v1/check", json={
+            "namespace": "bucket", "identifier": "x", "limit": 5, "duration": "1m",
+            "algorithm": "token_bucket", "burst": 8, "mode": "lease"})
+        assert bucket.status_code == 200 and bucket.json()["mode"] == "lease"

@@ -122,6 +122,27 @@ def test_three_nodes_two_replicas_admit_exactly_the_limit(cluster: Cluster,
     assert cluster.components_total("exact") == 200
 
 
+def test_a_token_bucket_admits_exactly_one_buckets_worth_across_nodes(cluster: Cluster
+                                                                      ) -> None:
+    centrals = [cluster.central(), cluster.central()]
+    nodes = [cluster.node(region) for region in ("us", "eu", "ap")]
+    # 50 tokens refill in 720 h: less than one refills in the test's span, so exactly the
+    # burst is admitted. Token buckets have no windows to keep clear of.
+    configure(centrals[0], "bucket", limit=50, duration="720h", algorithm="token_bucket",
+              burst=50, mode="lease", timeout="10s", on_unavailable="closed")
+    wait_configured(nodes, "bucket", mode="lease")
+    results = asyncio.run(hammer([n.url for n in nodes], "bucket", "free-plan",
+                                 clients_per_node=10, checks_per_client=5))
+    assert len(results) == 150
+    assert {r["source"] for r in results} <= {"local"}
+    during = sum(r["allowed"] for r in results)
+    assert during <= 50
+    admitted = during + drain(nodes, "bucket", "free-plan")
+    assert admitted == 50
+    wait_until(lambda: billed_key(cluster, "bucket") == (50, 150 - during + 3),
+               what="lease usage billed exactly")
+
+
 def test_a_graceful_stop_returns_the_slice_for_another_node(cluster: Cluster) -> None:
     central = cluster.central()
     us, eu = cluster.node("us"), cluster.node("eu")

@@ -1,5 +1,7 @@
 """The node's lease client against a real authority in process: real nats-server, the
-ledger on SQLite and Postgres, an injected wall clock (windows are an hour long)."""
+ledger on SQLite and Postgres, an injected wall clock (windows are an hour long; the
+token buckets refill one token every 72 s of that clock, which stands still unless a
+test moves it)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.database import make_engine
 from central.lease.authority import LeaseAuthority
-from central.lease.tx import LeaseTransactions
+from central.lease.state import lease_grants, lease_keys
+from central.lease.tx import PRUNE_GRACE_MS, LeaseTransactions
 from central.metrics import CentralMetrics
 from central.migrate import run_migrations
 from region_node.check_result import CheckResult
@@ -19,7 +23,7 @@ from region_node.counters import CounterStore
 from region_node.lease import LeaseClient
 from region_node.metrics import NodeMetrics
 from sync.connection import NatsLink, NatsOptions
-from sync.policy import build_policy
+from sync.policy import Policy, build_policy
 from tests.support.nats_server import NatsServer
 
 T0 = 1_800_000_000_000 - 1_800_000_000_000 % 3_600_000 + 60_000  # a minute into an hour
@@ -46,34 +50,63 @@ async def engine(ledger_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+class Authority:
+    """One lease authority serving a real nats-server, and the node clients asking it."""
+
+    def __init__(self, engine: AsyncEngine, url: str) -> None:
+        self.clock = Clock()
+        self.transactions = LeaseTransactions(engine, clock=self.clock, ttl_ms=60_000,
+                                              reclaim_after_ms=0)
+        self._url = url
+        self._links: list[NatsLink] = []
+
+    async def start(self) -> asyncio.Task[None]:
+        link = await self._link()
+        assert link.nc is not None
+        serving = asyncio.create_task(LeaseAuthority(
+            self.transactions, metrics=CentralMetrics("test"), lanes=1).serve(link.nc))
+        await asyncio.sleep(0.2)  # the subscription is registered before the first request
+        return serving
+
+    async def node(self, node_id: str) -> tuple[LeaseClient, CounterStore]:
+        store = CounterStore()
+        client = LeaseClient(link=await self._link(), node_id=node_id, region="eu",
+                             store=store, metrics=NodeMetrics("eu"), clock=self.clock,
+                             idle_s=0.0)
+        return client, store
+
+    async def _link(self) -> NatsLink:
+        link = NatsLink(NatsOptions(url=self._url))
+        await link.run()
+        self._links.append(link)
+        return link
+
+    async def close(self) -> None:
+        for link in self._links:
+            await link.close()
+
+
 @pytest.fixture
-async def system(engine: AsyncEngine, nats_server: NatsServer
-                 ) -> AsyncIterator[tuple[LeaseClient, CounterStore]]:
-    clock = Clock()
-    central_link = NatsLink(NatsOptions(url=nats_server.url))
-    node_link = NatsLink(NatsOptions(url=nats_server.url))
-    await central_link.run()
-    await node_link.run()
-    assert central_link.nc is not None
-    authority = LeaseAuthority(
-        LeaseTransactions(engine, clock=clock, ttl_ms=60_000, reclaim_after_ms=0),
-        metrics=CentralMetrics("test"), lanes=1)
-    serving = asyncio.create_task(authority.serve(central_link.nc))
-    await asyncio.sleep(0.2)  # the subscription is registered before the first request
-    store = CounterStore()
-    client = LeaseClient(link=node_link, node_id="eu.test.1", region="eu", store=store,
-                         metrics=NodeMetrics("eu"), clock=clock, idle_s=0.0)
+async def authority(engine: AsyncEngine, nats_server: NatsServer
+                    ) -> AsyncIterator[Authority]:
+    system = Authority(engine, nats_server.url)
+    serving = await system.start()
     try:
-        yield client, store
+        yield system
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
-        await node_link.close()
-        await central_link.close()
+        await system.close()
 
 
-async def decide(client: LeaseClient) -> CheckResult:
-    outcome = client.check("plans", KEY, POLICY, 1, "plans")
+@pytest.fixture
+async def system(authority: Authority) -> tuple[LeaseClient, CounterStore]:
+    return await authority.node("eu.test.1")
+
+
+async def decide(client: LeaseClient, policy: Policy = POLICY, key: str = KEY
+                 ) -> CheckResult:
+    outcome = client.check("plans", key, policy, 1, "plans")
     return outcome if isinstance(outcome, CheckResult) else await outcome
 
 
@@ -97,3 +130,84 @@ async def test_checks_waiting_on_one_request_share_it_and_stop_at_the_limit(
     results = await asyncio.gather(*(decide(client) for _ in range(25)))
     assert sum(r.allowed for r in results) == 10
     assert {r.source for r in results} == {"local"}
+
+
+BUCKET = build_policy(limit=50, duration="1h", algorithm="token_bucket", burst=50,
+                      mode="lease", timeout="5s", on_unavailable="closed")
+
+
+async def test_three_nodes_admit_exactly_one_buckets_worth_of_concurrent_checks(
+        authority: Authority) -> None:
+    nodes = [await authority.node(f"{region}.test.1") for region in ("eu", "us", "ap")]
+    results = await asyncio.gather(*(decide(client, BUCKET)
+                                     for client, _ in nodes for _ in range(50)))
+    # The clock stands still: no refill, so one bucket of 50 admits exactly 50.
+    assert sum(r.allowed for r in results) == 50
+    assert {r.source for r in results} == {"local"}
+    # A denied check may be allowed again once a token has refilled: 1h / 50.
+    assert {r.retry_after_ms for r in results if not r.allowed} == {72_000}
+    assert sum(store.get("plans", KEY).cur for _, store in nodes) == 50  # type: ignore[union-attr]
+
+
+async def test_a_returned_slice_goes_back_into_the_bucket_and_time_refills_it(
+        authority: Authority) -> None:
+    (eu, _), (us, _), (ap, _) = [await authority.node(f"{r}.test.1")
+                                 for r in ("eu", "us", "ap")]
+    admitted = [(await decide(eu, BUCKET)).allowed for _ in range(30)]
+    assert admitted == [True] * 30
+    await settled(eu)
+    await eu.tick()  # idle (idle_s 0): eu gives back what it holds of the other 20
+    assert eu.units_held() == 0
+    outcomes = [(await decide(us, BUCKET)).allowed for _ in range(21)]
+    assert outcomes == [True] * 20 + [False]
+    authority.clock.now += 3 * 72_000  # three tokens refill
+    # (Asked by a third node: us denies locally for a moment after its last "no".)
+    outcomes = [(await decide(ap, BUCKET)).allowed for _ in range(4)]
+    assert outcomes == [True] * 3 + [False]
+
+
+async def settled(client: LeaseClient) -> None:
+    """Wait for the background refills in flight (a key asking is not idle yet)."""
+    pending = [s.request for s in client._slices.values() if s.request is not None]
+    await asyncio.gather(*pending)
+
+
+async def rows(engine: AsyncEngine) -> tuple[int, int]:
+    async with engine.connect() as connection:
+        keys = (await connection.execute(select(func.count()).select_from(lease_keys)))
+        grants = (await connection.execute(select(func.count()).select_from(lease_grants)))
+        return int(keys.scalar_one()), int(grants.scalar_one())
+
+
+async def test_rows_of_ended_windows_and_refilled_buckets_are_pruned(
+        authority: Authority, engine: AsyncEngine) -> None:
+    client, _ = await authority.node("eu.test.1")
+    other = "fedcba9876543210fedcba9876543210"
+    assert (await decide(client)).allowed  # a fixed window of an hour
+    assert (await decide(client, BUCKET, other)).allowed  # a bucket: 1 of 50 spent
+    await settled(client)
+    await client.tick()  # idle: both slices go back (the node no longer holds any)
+    assert await rows(engine) == (2, 2)
+    assert await authority.transactions.prune() == 0
+    # A bucket's row may go once its leases ended and what they held has refilled (a
+    # fresh, full bucket is then the same), the grace after that: here the one token
+    # spent refills in 72 s.
+    async with engine.connect() as connection:
+        bucket_end = (await connection.execute(select(lease_keys.c.window_end).where(
+            lease_keys.c.key_hash == other))).scalar_one()
+    assert bucket_end == T0 + 72_000
+    authority.clock.now = bucket_end + PRUNE_GRACE_MS - 1
+    assert await authority.transactions.prune() == 0
+    authority.clock.now += 1
+    assert await authority.transactions.prune() == 1
+    assert await rows(engine) == (1, 1)
+    # The hour's window ended (and the grace): its key goes, with its grant.
+    window_end = T0 - T0 % 3_600_000 + 3_600_000
+    authority.clock.now = window_end + PRUNE_GRACE_MS - 1
+    assert await authority.transactions.prune() == 0
+    authority.clock.now += 1
+    assert await authority.transactions.prune(batch=1) == 1
+    assert await rows(engine) == (0, 0)
+    # A pruned key starts over when it is next asked for: a full bucket.
+    results = [await decide(client, BUCKET, other) for _ in range(51)]
+    assert sum(r.allowed for r in results) == 50

@@ -76,13 +76,27 @@ def test_a_grant_with_an_empty_window_is_malformed() -> None:
         decode_lease_grant(msgpack.packb(raw))
 
 
-@pytest.mark.parametrize("algorithm", ["sliding_window", "token_bucket"])
-def test_lease_mode_refuses_algorithms_without_a_fixed_budget(algorithm: str) -> None:
+def test_lease_mode_refuses_sliding_windows_and_takes_fixed_windows_and_buckets() -> None:
     with pytest.raises(InvalidField) as caught:
-        build_policy(limit=10, duration="1h", algorithm=algorithm, mode="lease")
+        build_policy(limit=10, duration="1h", algorithm="sliding_window", mode="lease")
     assert caught.value.field == "algorithm"
     # The default algorithm (sliding_window) is refused the same way.
     with pytest.raises(InvalidField):
         build_policy(limit=10, duration="1h", mode="lease")
     assert build_policy(limit=10, duration="month", algorithm="fixed_window",
                         mode="lease").mode == "lease"
+    assert build_policy(limit=10, duration="1h", algorithm="token_bucket", burst=20,
+                        mode="lease").mode == "lease"
+
+
+def test_a_token_bucket_holder_may_have_used_more_than_the_limit() -> None:
+    # Its slices belong to no window: over time it spends any number of tokens.
+    policy = build_policy(limit=10, duration="1s", algorithm="token_bucket", burst=20,
+                          mode="lease")
+    request = LeaseRequest("acquire", "plans", "0" * 32, policy, "eu-a~1", "eu",
+                           window_start=0, used=1_000_000, seq=3, want=20)
+    assert decode_lease_request(encode_lease_request(request)) == request
+    raw = msgpack.unpackb(encode_lease_request(request))
+    raw["want"] = 21  # above the burst: no check could cost that much
+    with pytest.raises(MalformedMessage):
+        decode_lease_request(msgpack.packb(raw))
