@@ -10,11 +10,9 @@ other.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
@@ -22,9 +20,9 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.consistent.tx import DecisionTransactions, decisions_for
+from central.lanes import Lane, LaneServer
 from central.metrics import CentralMetrics
 from sync.clock import Clock
-from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import (
     ConsistentDecision,
     ConsistentRequest,
@@ -38,12 +36,6 @@ MAX_BATCH = 500
 LANES = 4  # per replica; each holds one database connection
 
 
-@dataclass(slots=True)
-class Pending:
-    request: ConsistentRequest
-    msg: Msg
-
-
 class Authority:
     def __init__(self, engine: AsyncEngine, *, clock: Clock, metrics: CentralMetrics,
                  max_batch: int = MAX_BATCH, lanes: int | None = None) -> None:
@@ -54,20 +46,16 @@ class Authority:
         dialect = engine.dialect.name
         # SQLite has one writer at a time: more lanes would only wait on its lock.
         count = lanes if lanes is not None else (LANES if dialect == "postgresql" else 1)
-        self._queues: list[asyncio.Queue[Pending]] = [asyncio.Queue() for _ in range(count)]
+        self._server: LaneServer[ConsistentRequest] = LaneServer(
+            subject=CONSISTENT, queue_group=CONSISTENT_QUEUE, lanes=count,
+            decode=decode_consistent_request, refusal=encode_consistent_decision(None),
+            what="consistent", metrics=metrics, log=log)
 
     async def serve(self, nc: Client) -> None:
         """Answer consistent checks until cancelled."""
-        sub = await nc.subscribe(CONSISTENT, queue=CONSISTENT_QUEUE, cb=self._receive)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for queue in self._queues:
-                    group.create_task(self._lane(queue))
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await self._server.serve(nc, self._lane)
 
-    async def _lane(self, queue: asyncio.Queue[Pending]) -> None:
+    async def _lane(self, queue: Lane[ConsistentRequest]) -> None:
         """One serial batch loop on a connection of its own, kept between batches."""
         transactions = decisions_for(self._engine, self._clock)
         try:
@@ -79,23 +67,11 @@ class Authority:
         finally:
             await transactions.close()
 
-    async def _receive(self, msg: Msg) -> None:
-        try:
-            request = decode_consistent_request(msg.data)
-        except (MalformedMessage, UnsupportedVersion) as exc:
-            self._metrics.malformed.inc()
-            log.warning("dropped a malformed consistent request: %s", exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.respond(encode_consistent_decision(None))
-            return
-        lane = hash((request.namespace, request.key_hash)) % len(self._queues)
-        self._queues[lane].put_nowait(Pending(request, msg))
-
-    async def _answer(self, batch: list[Pending], transactions: DecisionTransactions
-                      ) -> None:
+    async def _answer(self, batch: list[tuple[ConsistentRequest, Msg]],
+                      transactions: DecisionTransactions) -> None:
         decisions: Sequence[ConsistentDecision | None]
         try:
-            decisions = await transactions.decide([p.request for p in batch])
+            decisions = await transactions.decide([request for request, _ in batch])
             self._metrics.consistent_decisions.inc(len(batch))
             self._metrics.consistent_batch.observe(len(batch))
         except Exception as exc:
@@ -107,8 +83,8 @@ class Authority:
         await self._reply(batch, decisions)
 
     @staticmethod
-    async def _reply(batch: list[Pending], decisions: Sequence[ConsistentDecision | None]
-                     ) -> None:
-        for pending, decision in zip(batch, decisions, strict=True):
+    async def _reply(batch: list[tuple[ConsistentRequest, Msg]],
+                     decisions: Sequence[ConsistentDecision | None]) -> None:
+        for (_, msg), decision in zip(batch, decisions, strict=True):
             with contextlib.suppress(nats.errors.Error):
-                await pending.msg.respond(encode_consistent_decision(decision))
+                await msg.respond(encode_consistent_decision(decision))

@@ -21,12 +21,11 @@ import logging
 
 import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from central.lanes import Lane, LaneServer
 from central.lease.tx import PRUNE_BATCH, LeaseTransactions
 from central.metrics import CentralMetrics
-from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.messages import LeaseGrant, LeaseRequest, decode_lease_request, encode_lease_grant
 from sync.subjects import LEASE, LEASE_QUEUE
 
@@ -41,34 +40,15 @@ class LeaseAuthority:
                  lanes: int = LANES) -> None:
         self._transactions = transactions
         self._metrics = metrics
-        self._queues: list[asyncio.Queue[tuple[LeaseRequest, Msg]]] = [
-            asyncio.Queue() for _ in range(lanes)]
+        self._server: LaneServer[LeaseRequest] = LaneServer(
+            subject=LEASE, queue_group=LEASE_QUEUE, lanes=lanes, decode=decode_lease_request,
+            refusal=encode_lease_grant(None), what="lease", metrics=metrics, log=log)
         self.requests = Counter("regionlimit_lease_requests", "Lease requests answered",
                                 ["op", "outcome"], registry=metrics.registry)
 
     async def serve(self, nc: Client) -> None:
         """Answer lease requests until cancelled."""
-        sub = await nc.subscribe(LEASE, queue=LEASE_QUEUE, cb=self._receive)
-        try:
-            async with asyncio.TaskGroup() as group:
-                for queue in self._queues:
-                    group.create_task(self._lane(queue))
-                group.create_task(self._prune())
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def _receive(self, msg: Msg) -> None:
-        try:
-            request = decode_lease_request(msg.data)
-        except (MalformedMessage, UnsupportedVersion) as exc:
-            self._metrics.malformed.inc()
-            log.warning("dropped a malformed lease request: %s", exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.respond(encode_lease_grant(None))
-            return
-        lane = hash((request.namespace, request.key_hash)) % len(self._queues)
-        self._queues[lane].put_nowait((request, msg))
+        await self._server.serve(nc, self._lane, self._prune())
 
     async def _prune(self) -> None:
         while True:
@@ -81,7 +61,7 @@ class LeaseAuthority:
                 # The rows wait for the next pass; requests are unaffected.
                 log.warning("lease pruning failed (%s)", type(exc).__name__)
 
-    async def _lane(self, queue: asyncio.Queue[tuple[LeaseRequest, Msg]]) -> None:
+    async def _lane(self, queue: Lane[LeaseRequest]) -> None:
         while True:
             request, msg = await queue.get()
             grant: LeaseGrant | None = None
