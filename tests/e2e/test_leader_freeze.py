@@ -6,7 +6,6 @@ exactly once."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,16 +28,9 @@ from tests.support.processes import ManagedProcess
 
 NAMESPACE = "frozen"
 
-# Opt-in until an open problem is solved: in about one run in three on a 2-core machine the
-# usage of checks made around the freeze ("bob", "dave") is not billed within the deadline,
-# though the old leader holds none of it and fencing holds (never a double count). Kept
-# runnable so whoever works on it sees the failure: REGIONLIMIT_RUN_FREEZE_TEST=1.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("REGIONLIMIT_RUN_FREEZE_TEST") != "1",
-    reason="frozen-leader test is opt-in (REGIONLIMIT_RUN_FREEZE_TEST=1): see its module "
-           "comment for the open problem")
-# Uncommitted usage of the frozen leader comes back through JetStream's redelivery
-# (central's ack wait is 60 s), hence the generous deadline.
+# The old leader naks the usage it holds as it steps down, but usage that reached it
+# while frozen and was never fetched comes back only after central's ack wait (60 s),
+# hence the generous deadline.
 REDELIVERY_DEADLINE_S = 150.0
 
 
