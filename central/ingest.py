@@ -9,6 +9,10 @@ merges are all durable (``durable_through``). A crash at any point loses nothing
 was not acked is redelivered, and what was written raises nothing when merged again.
 Backpressure: while dirty rows and buckets reach ``max_dirty`` (or unacked messages
 ``MAX_UNACKED``), ingest stops fetching; JetStream holds the rest.
+
+A term that ends (lease lost, stop, error) stops pulling and naks every message it still
+holds: none of its merges will become durable here, and the next leader gets them at
+once instead of after the ack wait (issue 11).
 """
 
 from __future__ import annotations
@@ -62,6 +66,16 @@ PRUNE_INTERVAL_S = 60.0
 # Test-only crash points of the checkpoint task (REGIONLIMIT_TEST_CRASH_AT): the process
 # kills itself there with SIGKILL, so tests can check replay after a crash at each step.
 CRASH_POINTS = ("before_write", "after_write", "mid_batch")
+
+
+def _stop_if_cancelled() -> None:
+    """End a loop of the term once its task was cancelled, even if the CancelledError was
+    swallowed: on Python 3.11, ``asyncio.wait_for`` (under nats.py's fetch) returns a
+    message that arrives as it is cancelled, and a deposed leader's fetch loop then went
+    on pulling usage it never acked (issue 11)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class LeaderIngest:
@@ -122,11 +136,13 @@ class LeaderIngest:
                 await snapshots.unsubscribe()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            await self._hand_back()
 
     # --- consume -----------------------------------------------------------------------
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
+            _stop_if_cancelled()
             room = self._fetch_room()
             if room <= 0:
                 # Backpressure: the checkpoint task sets the event once it made room.
@@ -195,6 +211,7 @@ class LeaderIngest:
         loop = asyncio.get_running_loop()
         took = 0.0
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(max(0.0, self._commit_interval - took))
             started = loop.time()
             await self.commit()
@@ -268,6 +285,19 @@ class LeaderIngest:
         if self._fetch_room() > 0:
             self._room.set()
 
+    async def _hand_back(self) -> None:
+        """Nak every message this term holds unacked, so JetStream redelivers it to the
+        next leader now. A message whose merge was written but not yet acked comes back
+        too, harmlessly: merging it again raises nothing."""
+        held, self._unacked = self._unacked, deque()
+        for _, msg in held:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+        if held:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._nc.flush(timeout=2)
+            log.info("handed %d unacked usage messages back for redelivery", len(held))
+
     def _crash_point(self, point: str) -> None:
         if self._crash_at == point:
             log.error("test crash point %s reached: killing this process", point)
@@ -277,6 +307,7 @@ class LeaderIngest:
 
     async def _tick_forever(self) -> None:
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(self._tick_interval)
             await self.publish_totals()
 
@@ -325,6 +356,7 @@ class LeaderIngest:
 
     async def _prune_forever(self) -> None:
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(PRUNE_INTERVAL_S)
             now = self._clock()
             async with self._commit_lock:  # no checkpoint in flight while rows move
