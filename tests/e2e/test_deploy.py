@@ -883,7 +883,7 @@ def test_kustomize_output_validates_against_kubernetes_schemas(directory: Path) 
 
 def test_kubernetes_validation_is_real() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    deployment = copy.deepcopy(find(render_kustomization(K8S / "base"), "Deployment",
+    deployment = copy.deepcopy(find(render_kustomization(K8S / "base"), "StatefulSet",
                                     "regionlimit-node"))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -913,7 +913,7 @@ def test_region_overlay(rendered: dict[str, list[dict[str, Any]]], region: str) 
                if o["kind"] != "Namespace")
     assert not [o for o in objects if o["kind"] == "Secret"], "secrets are never committed"
 
-    node = find(objects, "Deployment", "regionlimit-node")
+    node = find(objects, "StatefulSet", "regionlimit-node")
     overlay = load_yaml(K8S / "overlays" / region / "kustomization.yaml")
     assert node["spec"]["replicas"] == next(r["count"] for r in overlay["replicas"]
                                             if r["name"] == "regionlimit-node")
@@ -923,6 +923,12 @@ def test_region_overlay(rendered: dict[str, list[dict[str, Any]]], region: str) 
     url = env["REGIONLIMIT_NATS_URL"]["value"]
     assert urllib.parse.urlsplit(url).hostname == "nats-leaf.nats.svc.cluster.local"
     assert "set-in-overlay" not in json.dumps(objects)
+    # The spill file outlives the pod: it sits on the pod's own persistent volume.
+    spill = env["REGIONLIMIT_SPILL_PATH"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if spill.startswith(m["mountPath"] + "/")]
+    assert mount["name"] in {c["metadata"]["name"] for c in node["spec"]["volumeClaimTemplates"]}
+    assert not [v for v in node["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == mount["name"]], "no pod volume shadows the claim"
 
     labels = node["spec"]["selector"]["matchLabels"]
     service = find(objects, "Service", "regionlimit-node")
@@ -988,7 +994,7 @@ def test_workloads_probes_resources_security(rendered: dict[str, list[dict[str, 
                 for ref in re.findall(r"\$\((\w+)\)", var.get("value", "")):
                     assert ref in defined, f"{name}: {var['name']} uses $({ref}) too early"
                 defined.add(var["name"])
-        if workload["kind"] != "Deployment":
+        if workload["kind"] not in ("Deployment", "StatefulSet"):
             continue
         (container,) = spec["containers"]
         port = HTTP_PROBES[container["name"]]
