@@ -33,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from central.billing.rollups import RollupJob
+from central.cancellation import stop_if_cancelled
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
@@ -66,16 +67,6 @@ PRUNE_INTERVAL_S = 60.0
 # Test-only crash points of the checkpoint task (REGIONLIMIT_TEST_CRASH_AT): the process
 # kills itself there with SIGKILL, so tests can check replay after a crash at each step.
 CRASH_POINTS = ("before_write", "after_write", "mid_batch")
-
-
-def _stop_if_cancelled() -> None:
-    """End a loop of the term once its task was cancelled, even if the CancelledError was
-    swallowed: on Python 3.11, ``asyncio.wait_for`` (under nats.py's fetch) returns a
-    message that arrives as it is cancelled, and a deposed leader's fetch loop then went
-    on pulling usage it never acked (issue 11)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class LeaderIngest:
@@ -142,7 +133,7 @@ class LeaderIngest:
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             room = self._fetch_room()
             if room <= 0:
                 # Backpressure: the checkpoint task sets the event once it made room.
@@ -211,7 +202,7 @@ class LeaderIngest:
         loop = asyncio.get_running_loop()
         took = 0.0
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             await asyncio.sleep(max(0.0, self._commit_interval - took))
             started = loop.time()
             await self.commit()
@@ -307,7 +298,7 @@ class LeaderIngest:
 
     async def _tick_forever(self) -> None:
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             await asyncio.sleep(self._tick_interval)
             await self.publish_totals()
 
@@ -356,7 +347,7 @@ class LeaderIngest:
 
     async def _prune_forever(self) -> None:
         while True:
-            _stop_if_cancelled()
+            stop_if_cancelled()
             await asyncio.sleep(PRUNE_INTERVAL_S)
             now = self._clock()
             async with self._commit_lock:  # no checkpoint in flight while rows move

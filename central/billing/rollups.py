@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from central.billing.usage_query import DAY_MS, HOUR_MS, floor_day, floor_month, next_month
 from central.billing.usage_store import Retention, pending, read_retention
+from central.cancellation import stop_if_cancelled
 from central.database import make_engine
 from central.models import usage_daily, usage_hourly, usage_monthly, usage_retention
 from central.settings import CentralSettings
@@ -167,6 +168,7 @@ class RollupJob:
         The first run waits an interval too: a new leader lets ingest catch up first."""
         try:
             while True:
+                stop_if_cancelled()
                 await asyncio.sleep(self.interval_s)
                 try:
                     report = await self.run_once(clock())

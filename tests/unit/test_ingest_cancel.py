@@ -1,4 +1,4 @@
-"""A cancelled ingest stops pulling even when the fetch swallowed the cancellation (issue 11).
+"""A cancelled ingest (or rollup) stops even when the fetch swallowed the cancellation (issue 11).
 
 On Python 3.11, ``asyncio.wait_for`` (under nats.py's fetch) returns a message that
 arrives as it is cancelled instead of raising: a deposed leader's fetch loop went on
@@ -14,7 +14,9 @@ from typing import Any, cast
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from central.billing.rollups import RollupJob, RollupReport
 from central.ingest import LeaderIngest
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
@@ -61,3 +63,34 @@ async def test_a_swallowed_cancellation_still_stops_the_fetch_loop() -> None:
     await asyncio.wait({consume}, timeout=10)
     assert consume.cancelled()
     assert subscription.calls == 1
+
+
+class SwallowingRollup(RollupJob):
+    """A rollup whose run, cancelled the first time, returns instead of raising (as a
+    database call under ``wait_for`` may)."""
+
+    def __init__(self) -> None:
+        super().__init__(create_async_engine("sqlite+aiosqlite://"), hourly_retention_ms=1,
+                         daily_retention_ms=1, interval_s=0.0)
+        self.runs = 0
+        self.running = asyncio.Event()
+
+    async def run_once(self, now_ms: int) -> RollupReport:
+        self.runs += 1
+        self.running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if self.runs > 1:
+                raise
+        return RollupReport()
+
+
+async def test_a_swallowed_cancellation_still_stops_the_rollup_loop() -> None:
+    job = SwallowingRollup()
+    loop = asyncio.create_task(job.run_forever(lambda: 0))
+    await job.running.wait()
+    loop.cancel()
+    await asyncio.wait({loop}, timeout=10)  # a bound for a hang, not a measurement
+    assert loop.cancelled()
+    assert job.runs == 1

@@ -1,0 +1,14 @@
+"""Loops of a leadership term end once their task is cancelled, even if a library
+swallowed the CancelledError: on Python 3.11, ``asyncio.wait_for`` (under nats.py's fetch,
+asyncpg's timeouts) returns a result that arrives as it is cancelled, and a deposed
+leader's loop then went on working for a term it no longer holds (issue 11)."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def stop_if_cancelled() -> None:
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
