@@ -160,8 +160,9 @@ async def test_a_returned_slice_goes_back_into_the_bucket_and_time_refills_it(
     assert eu.units_held() == 0
     outcomes = [(await decide(us, BUCKET)).allowed for _ in range(21)]
     assert outcomes == [True] * 20 + [False]
+    await settled(us)  # us's last refill is answered before time moves on
     authority.clock.now += 3 * 72_000  # three tokens refill
-    # (Asked by a third node: us denies locally for a moment after its last "no".)
+    # (Asked by a third node: us denies locally until its next re-ask.)
     outcomes = [(await decide(ap, BUCKET)).allowed for _ in range(4)]
     assert outcomes == [True] * 3 + [False]
 
