@@ -53,6 +53,9 @@ from sync.windows import lease_window
 log = logging.getLogger("regionlimit.lease")
 UNAVAILABLE = (nats.errors.Error, TimeoutError, MalformedMessage, UnsupportedVersion)
 REFILL_BELOW = 0.5  # refill in the background under this share of the last increment
+# ... or once what is left would last fewer than this many round trips at the key's
+# demand: a refill must arrive before the slice runs dry, or checks wait for it.
+REFILL_RTTS = 2.0
 RENEW_BEFORE = 0.3  # renew an active key's lease in the last 30% of its life
 TICK_S = 0.25
 RETURN_TIMEOUT_S = 2.0
@@ -62,6 +65,10 @@ KEEP_HORIZON_S = 1.0  # a trimmed slice keeps this long of its recent demand
 # Time constant of a key's demand average: a burst counts as that much cost per second
 # for about this long, and a steady rate is tracked within a few of them.
 DEMAND_TAU_S = 1.0
+# A slice younger than DEMAND_TAU_S also estimates its demand as its cost so far over its
+# age (at least this): the average alone lags a new key's rate by about DEMAND_TAU_S,
+# and its first slices would then run dry every round trip.
+YOUNG_AGE_MIN_S = 0.2
 
 
 @dataclass(slots=True)
@@ -75,11 +82,14 @@ class Slice:
     deadline: float = 0.0  # monotonic; no spending from then on
     budget: Exhaustion = field(default_factory=Exhaustion)  # the authority's last word
     increment: int = 0  # size of the last increment, for the refill threshold
+    rtt_s: float = 0.0  # how long the last grant took to arrive
     ttl_s: float = 0.0  # the last lease's time to live
     # Demand: cost per second the key's checks ask for, a moving average with a
     # DEMAND_TAU_S time constant (as of ``rate_at``).
     rate: float = 0.0
     rate_at: float = 0.0
+    born: float = 0.0  # monotonic
+    cost_so_far: int = 0
     asked_since: float = 0.0  # the last request
     used_at: float = 0.0
     request: asyncio.Task[LeaseGrant | None] | None = None
@@ -124,6 +134,7 @@ class LeaseClient:
         s = self._slice(namespace, key_hash, policy, now)
         s.rate = s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S) + cost / DEMAND_TAU_S
         s.rate_at = s.used_at = mono
+        s.cost_so_far += cost
         left = s.left(mono)
         if cost <= left and (cost or left):
             return self._admit(namespace, key_hash, s, cost, label, now, mono)
@@ -144,8 +155,8 @@ class LeaseClient:
         windowed = ALGORITHMS[policy.algorithm].lease_windows
         start, end = lease_window(windowed, policy.duration, now)
         mono = self._mono()
-        fresh = self._slices[key] = Slice(policy, start, end, self._node_id, rate_at=mono,
-                                          asked_since=mono, used_at=mono)
+        fresh = self._slices[key] = Slice(policy, start, end, self._node_id, born=mono,
+                                          rate_at=mono, asked_since=mono, used_at=mono)
         # Within a window the authority counts one grant per node, however many slices
         # the node went through (a returned one, one under a changed limit): a new slice
         # starts from what the node spent, or it could spend those units twice.
@@ -167,7 +178,8 @@ class LeaseClient:
         self._store.record(namespace, key_hash, s.policy, cost, True, now)
         self._metrics.count_check(label, True, "local")
         self._metrics.counters["lease_local_answers"] += 1
-        if s.request is None and s.granted - s.spent < s.increment * REFILL_BELOW:
+        if s.request is None and s.granted - s.spent < max(
+                s.increment * REFILL_BELOW, self._demand(s, mono) * s.rtt_s * REFILL_RTTS):
             self._start_request(namespace, key_hash, s, want=0)
         return self._result(s, True, s.left(mono) + s.budget.free, now, "local", cost)
 
@@ -252,7 +264,11 @@ class LeaseClient:
     @staticmethod
     def _demand(s: Slice, mono: float) -> float:
         """The key's demand (cost per second) as of ``mono``."""
-        return s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S)
+        average = s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S)
+        age = mono - s.born
+        if age >= DEMAND_TAU_S:
+            return average
+        return max(average, s.cost_so_far / max(age, YOUNG_AGE_MIN_S))
 
     async def _acquire(self, namespace: str, key_hash: str, s: Slice, want: int
                        ) -> LeaseGrant | None:
@@ -296,6 +312,7 @@ class LeaseClient:
         if current is not s or grant.window_start != s.window_start:
             return  # the key moved to another window or policy meanwhile: not this slice
         s.increment = max(0, grant.granted - s.granted)
+        s.rtt_s = self._mono() - sent
         # The authority's total is authoritative, even below what this node believed.
         s.granted = grant.granted
         s.ttl_s = grant.ttl_ms / 1000

@@ -118,6 +118,7 @@ async def test_a_slice_given_back_mid_window_is_not_spent_twice(
     client, store = system
     admitted = [(await decide(client)).allowed for _ in range(4)]
     assert admitted == [True] * 4
+    await settled(client)
     await client.tick()  # idle (idle_s 0): the unused slice goes back mid-window
     assert client.units_held() == 0
     outcomes = [(await decide(client)).allowed for _ in range(12)]
