@@ -68,7 +68,7 @@ DEMAND_TAU_S = 1.0
 # A slice younger than DEMAND_TAU_S also estimates its demand as its cost so far over its
 # age (at least this): the average alone lags a new key's rate by about DEMAND_TAU_S,
 # and its first slices would then run dry every round trip.
-YOUNG_AGE_MIN_S = 0.2
+YOUNG_AGE_MIN_S = 0.5
 
 
 @dataclass(slots=True)

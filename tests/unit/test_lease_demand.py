@@ -11,9 +11,9 @@ POLICY = build_policy(limit=1000, duration="1h", algorithm="fixed_window", mode=
 
 
 def test_a_young_key_counts_its_cost_over_its_age_not_the_lagging_average() -> None:
-    s = Slice(POLICY, 0, 3_600_000, "eu.1", rate=24.0, rate_at=10.3, born=10.0,
+    s = Slice(POLICY, 0, 3_600_000, "eu.1", rate=24.0, rate_at=10.6, born=10.0,
               cost_so_far=24)
-    assert math.isclose(LeaseClient._demand(s, 10.3), 24 / 0.3)
+    assert math.isclose(LeaseClient._demand(s, 10.6), 24 / 0.6)
 
 
 def test_a_first_check_is_not_taken_for_a_flood() -> None:
