@@ -7,7 +7,7 @@ SENT the request plus the lease's time to live. The authority's own
 deadline starts when it decided, which is later, so the node always stops first.
 
 - Enough left in the slice: admit at once (a background refill starts when less than
-  half of the last increment is left).
+  half of the last increment, or than two round trips of the key's demand, is left).
 - Not enough: wait up to the policy's ``timeout`` for a grant; checks of one key share
   one request at a time. The authority answering "not enough free budget" denies;
   no answer in time lets ``on_unavailable`` decide (``source: "fallback"``).
