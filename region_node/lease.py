@@ -7,10 +7,12 @@ SENT the request plus the lease's time to live. The authority's own
 deadline starts when it decided, which is later, so the node always stops first.
 
 - Enough left in the slice: admit at once (a background refill starts when less than
-  half of the last increment is left).
+  half of the last increment, or than two round trips of the key's demand, is left).
 - Not enough: wait up to the policy's ``timeout`` for a grant; checks of one key share
   one request at a time. The authority answering "not enough free budget" denies;
   no answer in time lets ``on_unavailable`` decide (``source: "fallback"``).
+- Budget spent: denied on the node with no wait, asking again in the background at a
+  bounded rate (region_node/lease_exhaustion.py).
 - Unused slices go back when the key falls idle and when the node stops; a new window
   starts from nothing, so window ends need no message.
 - A token bucket's slices are tokens withdrawn from the key's one global bucket at
@@ -29,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -37,6 +39,7 @@ import nats.errors
 from region_node.check_result import CheckResult, Source
 from region_node.checker import Result
 from region_node.counters import CounterStore
+from region_node.lease_exhaustion import Exhaustion
 from region_node.metrics import NodeMetrics
 from sync.algorithms import ALGORITHMS
 from sync.clock import Clock
@@ -50,7 +53,9 @@ from sync.windows import lease_window
 log = logging.getLogger("regionlimit.lease")
 UNAVAILABLE = (nats.errors.Error, TimeoutError, MalformedMessage, UnsupportedVersion)
 REFILL_BELOW = 0.5  # refill in the background under this share of the last increment
-EXHAUSTED_RECHECK_S = 0.5  # after "no free budget", deny locally this long before asking
+# ... or once what is left would last fewer than this many round trips at the key's
+# demand: a refill must arrive before the slice runs dry, or checks wait for it.
+REFILL_RTTS = 2.0
 RENEW_BEFORE = 0.3  # renew an active key's lease in the last 30% of its life
 TICK_S = 0.25
 RETURN_TIMEOUT_S = 2.0
@@ -60,6 +65,10 @@ KEEP_HORIZON_S = 1.0  # a trimmed slice keeps this long of its recent demand
 # Time constant of a key's demand average: a burst counts as that much cost per second
 # for about this long, and a steady rate is tracked within a few of them.
 DEMAND_TAU_S = 1.0
+# A slice younger than DEMAND_TAU_S also estimates its demand as its cost so far over its
+# age (at least this): the average alone lags a new key's rate by about DEMAND_TAU_S,
+# and its first slices would then run dry every round trip.
+YOUNG_AGE_MIN_S = 0.5
 
 
 @dataclass(slots=True)
@@ -71,16 +80,18 @@ class Slice:
     granted: int = 0  # total this node may admit in the window
     spent: int = 0  # admitted from slices in the window
     deadline: float = 0.0  # monotonic; no spending from then on
-    free: int = 0  # budget nobody held at the last grant
+    budget: Exhaustion = field(default_factory=Exhaustion)  # the authority's last word
     increment: int = 0  # size of the last increment, for the refill threshold
+    rtt_s: float = 0.0  # how long the last grant took to arrive
     ttl_s: float = 0.0  # the last lease's time to live
     # Demand: cost per second the key's checks ask for, a moving average with a
     # DEMAND_TAU_S time constant (as of ``rate_at``).
     rate: float = 0.0
-    rate_at: float = field(default_factory=time.monotonic)
-    asked_since: float = field(default_factory=time.monotonic)  # the last request
-    used_at: float = field(default_factory=time.monotonic)
-    exhausted_until: float = 0.0
+    rate_at: float = 0.0
+    born: float = 0.0  # monotonic
+    cost_so_far: int = 0
+    asked_since: float = 0.0  # the last request
+    used_at: float = 0.0
     request: asyncio.Task[LeaseGrant | None] | None = None
 
     def left(self, mono: float) -> int:
@@ -89,7 +100,8 @@ class Slice:
 
 class LeaseClient:
     def __init__(self, *, link: NatsLink, node_id: str, region: str, store: CounterStore,
-                 metrics: NodeMetrics, clock: Clock, idle_s: float = 2.0) -> None:
+                 metrics: NodeMetrics, clock: Clock, idle_s: float = 2.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._link = link
         self._node_id = node_id
         self._region = region
@@ -97,34 +109,41 @@ class LeaseClient:
         self._metrics = metrics
         self._clock = clock
         self._idle_s = idle_s
+        self._mono = monotonic  # injectable: tests step it past a re-ask's interval
         self._slices: dict[tuple[str, str], Slice] = {}
         # Keys whose slice went back while their window lasts: (start, end, spent).
         self._retired: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._sweep: list[tuple[str, str]] = []
         self._seq = 0
         self._holders = 0  # token bucket slices started afresh: each gets its own name
-        for name in ("lease_local_answers", "lease_waits", "lease_requests",
-                     "lease_requests_failed", "lease_returns"):
+        for name in ("lease_local_answers", "lease_local_denials", "lease_waits",
+                     "lease_requests", "lease_requests_failed", "lease_returns"):
             metrics.counters[name] = 0
         metrics.gauges["lease_units_held"] = self.units_held
 
     def units_held(self) -> int:
         """Unused units of unexpired slices (computed on scrape: active lease keys)."""
-        mono = time.monotonic()
+        mono = self._mono()
         return sum(s.left(mono) for s in self._slices.values())
 
     # --- checks ----------------------------------------------------------------------
 
     def check(self, namespace: str, key_hash: str, policy: Policy, cost: int, label: str
               ) -> Result | Awaitable[Result]:
-        now, mono = self._clock(), time.monotonic()
+        now, mono = self._clock(), self._mono()
         s = self._slice(namespace, key_hash, policy, now)
         s.rate = s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S) + cost / DEMAND_TAU_S
         s.rate_at = s.used_at = mono
+        s.cost_so_far += cost
         left = s.left(mono)
         if cost <= left and (cost or left):
             return self._admit(namespace, key_hash, s, cost, label, now, mono)
-        if cost == 0 or mono < s.exhausted_until:
+        if cost == 0:
+            return self._deny(namespace, key_hash, s, cost, label, now)
+        if s.budget.denies(cost - left, mono):
+            if s.budget.denied(mono, asked=False) and s.request is None:
+                self._start_request(namespace, key_hash, s, want=cost - left)
+            self._metrics.counters["lease_local_denials"] += 1
             return self._deny(namespace, key_hash, s, cost, label, now)
         return self._wait(namespace, key_hash, s, cost, label)
 
@@ -135,7 +154,9 @@ class LeaseClient:
             return s
         windowed = ALGORITHMS[policy.algorithm].lease_windows
         start, end = lease_window(windowed, policy.duration, now)
-        fresh = self._slices[key] = Slice(policy, start, end, self._node_id)
+        mono = self._mono()
+        fresh = self._slices[key] = Slice(policy, start, end, self._node_id, born=mono,
+                                          rate_at=mono, asked_since=mono, used_at=mono)
         # Within a window the authority counts one grant per node, however many slices
         # the node went through (a returned one, one under a changed limit): a new slice
         # starts from what the node spent, or it could spend those units twice.
@@ -157,9 +178,10 @@ class LeaseClient:
         self._store.record(namespace, key_hash, s.policy, cost, True, now)
         self._metrics.count_check(label, True, "local")
         self._metrics.counters["lease_local_answers"] += 1
-        if s.request is None and s.granted - s.spent < s.increment * REFILL_BELOW:
+        if s.request is None and s.granted - s.spent < max(
+                s.increment * REFILL_BELOW, self._demand(s, mono) * s.rtt_s * REFILL_RTTS):
             self._start_request(namespace, key_hash, s, want=0)
-        return self._result(s, True, s.left(mono) + s.free, now, "local", cost)
+        return self._result(s, True, s.left(mono) + s.budget.free, now, "local", cost)
 
     def _deny(self, namespace: str, key_hash: str, s: Slice, cost: int, label: str,
               now: int) -> Result:
@@ -190,12 +212,12 @@ class LeaseClient:
                     ) -> Result:
         started = time.perf_counter()
         self._metrics.counters["lease_waits"] += 1
-        deadline = time.monotonic() + s.policy.timeout.ms / 1000
+        deadline = self._mono() + s.policy.timeout.ms / 1000
         answered = False
-        while (budget := deadline - time.monotonic()) > 0:
+        while (budget := deadline - self._mono()) > 0:
             if s.request is None:
                 self._start_request(namespace, key_hash, s,
-                                    want=max(0, cost - s.left(time.monotonic())))
+                                    want=max(0, cost - s.left(self._mono())))
             request = s.request
             assert request is not None
             with contextlib.suppress(TimeoutError):
@@ -203,7 +225,7 @@ class LeaseClient:
             if not request.done():
                 break
             grant = request.result()
-            mono, now = time.monotonic(), self._clock()
+            mono, now = self._mono(), self._clock()
             s = self._slice(namespace, key_hash, s.policy, now)
             if cost <= s.left(mono):
                 self._metrics.latency.observe(time.perf_counter() - started)
@@ -211,13 +233,13 @@ class LeaseClient:
             if grant is not None:
                 answered = True
                 if grant.free < cost - s.left(mono):
-                    # The authority has no more to give: deny, and keep denying locally
-                    # for a moment rather than asking again for every check.
-                    s.exhausted_until = mono + EXHAUSTED_RECHECK_S
+                    # The authority has no more to give: deny, and deny further checks
+                    # locally rather than asking again for every one.
+                    s.budget.denied(mono, asked=True)
                     self._metrics.latency.observe(time.perf_counter() - started)
                     return self._deny(namespace, key_hash, s, cost, label, now)
             else:
-                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(0.05, max(0.0, deadline - self._mono())))
         self._metrics.latency.observe(time.perf_counter() - started)
         return self._fallback(namespace, key_hash, s, cost, label, answered)
 
@@ -242,12 +264,16 @@ class LeaseClient:
     @staticmethod
     def _demand(s: Slice, mono: float) -> float:
         """The key's demand (cost per second) as of ``mono``."""
-        return s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S)
+        average = s.rate * math.exp((s.rate_at - mono) / DEMAND_TAU_S)
+        age = mono - s.born
+        if age >= DEMAND_TAU_S:
+            return average
+        return max(average, s.cost_so_far / max(age, YOUNG_AGE_MIN_S))
 
     async def _acquire(self, namespace: str, key_hash: str, s: Slice, want: int
                        ) -> LeaseGrant | None:
         try:
-            sent = time.monotonic()
+            sent = self._mono()
             s.asked_since = sent
             grant = await self._ask("acquire", namespace, key_hash, s, want=want,
                                     demand=math.ceil(self._demand(s, sent)))
@@ -286,11 +312,12 @@ class LeaseClient:
         if current is not s or grant.window_start != s.window_start:
             return  # the key moved to another window or policy meanwhile: not this slice
         s.increment = max(0, grant.granted - s.granted)
+        s.rtt_s = self._mono() - sent
         # The authority's total is authoritative, even below what this node believed.
         s.granted = grant.granted
         s.ttl_s = grant.ttl_ms / 1000
         s.deadline = sent + s.ttl_s
-        s.free = grant.free
+        s.budget.answered(free=grant.free, grew=s.increment > 0, mono=self._mono())
 
     # --- returns and renewals ------------------------------------------------------------
 
@@ -301,7 +328,7 @@ class LeaseClient:
             await self.tick()
 
     async def tick(self) -> None:
-        now, mono = self._clock(), time.monotonic()
+        now, mono = self._clock(), self._mono()
         returns = []
         for key, s in list(self._slices.items()):
             if now >= s.window_end:
@@ -339,7 +366,7 @@ class LeaseClient:
         needs while the free budget is short (others may be denied meanwhile); None to
         keep it all."""
         left = s.left(mono)
-        if left <= s.free or mono - s.asked_since < TRIM_AFTER_S:
+        if left <= s.budget.free or mono - s.asked_since < TRIM_AFTER_S:
             return None
         keep = int(LeaseClient._demand(s, mono) * KEEP_HORIZON_S) + 1
         return keep if left > 2 * keep else None
@@ -366,7 +393,7 @@ class LeaseClient:
 
     async def stop(self) -> None:
         """Give every unused slice back (graceful stop), within a bounded time."""
-        mono = time.monotonic()
+        mono = self._mono()
         held = [(key, s) for key, s in self._slices.items() if s.left(mono) > 0]
         self._slices.clear()
         for _, s in held:

@@ -6,7 +6,8 @@ test moves it)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from sqlalchemy import func, select
@@ -21,6 +22,7 @@ from central.migrate import run_migrations
 from region_node.check_result import CheckResult
 from region_node.counters import CounterStore
 from region_node.lease import LeaseClient
+from region_node.lease_exhaustion import RECHECK_S
 from region_node.metrics import NodeMetrics
 from sync.connection import NatsLink, NatsOptions
 from sync.policy import Policy, build_policy
@@ -68,11 +70,12 @@ class Authority:
         await asyncio.sleep(0.2)  # the subscription is registered before the first request
         return serving
 
-    async def node(self, node_id: str) -> tuple[LeaseClient, CounterStore]:
+    async def node(self, node_id: str, monotonic: Callable[[], float] = time.monotonic
+                   ) -> tuple[LeaseClient, CounterStore]:
         store = CounterStore()
         client = LeaseClient(link=await self._link(), node_id=node_id, region="eu",
                              store=store, metrics=NodeMetrics("eu"), clock=self.clock,
-                             idle_s=0.0)
+                             idle_s=0.0, monotonic=monotonic)
         return client, store
 
     async def _link(self) -> NatsLink:
@@ -115,6 +118,7 @@ async def test_a_slice_given_back_mid_window_is_not_spent_twice(
     client, store = system
     admitted = [(await decide(client)).allowed for _ in range(4)]
     assert admitted == [True] * 4
+    await settled(client)
     await client.tick()  # idle (idle_s 0): the unused slice goes back mid-window
     assert client.units_held() == 0
     outcomes = [(await decide(client)).allowed for _ in range(12)]
@@ -160,10 +164,60 @@ async def test_a_returned_slice_goes_back_into_the_bucket_and_time_refills_it(
     assert eu.units_held() == 0
     outcomes = [(await decide(us, BUCKET)).allowed for _ in range(21)]
     assert outcomes == [True] * 20 + [False]
+    await settled(us)  # us's last refill is answered before time moves on
     authority.clock.now += 3 * 72_000  # three tokens refill
-    # (Asked by a third node: us denies locally for a moment after its last "no".)
+    # (Asked by a third node: us denies locally until its next re-ask.)
     outcomes = [(await decide(ap, BUCKET)).allowed for _ in range(4)]
     assert outcomes == [True] * 3 + [False]
+
+
+class SteppedMonotonic:
+    """The real monotonic clock, plus what a test stepped it forward by."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+async def test_a_spent_key_is_denied_on_the_node_until_another_node_gives_budget_back(
+        authority: Authority) -> None:
+    mono = SteppedMonotonic()
+    (eu, eu_store), (us, us_store) = (await authority.node("eu.test.1", mono),
+                                      await authority.node("us.test.1"))
+    assert all([(await decide(us)).allowed for _ in range(3)])
+    await settled(us)
+    us_holds = us.units_held()
+    assert us_holds > 0  # us's slice keeps units eu cannot have
+    outcomes = [(await decide(eu)).allowed for _ in range(10)]
+    assert outcomes == [True] * (7 - us_holds) + [False] * (3 + us_holds)
+    await settled(eu)
+    counters = dict(eu._metrics.counters)
+
+    # Spent: eu denies at once, without waiting for the authority's "no" each time.
+    results = [await decide(eu) for _ in range(20)]
+    assert {(r.allowed, r.source) for r in results} == {(False, "local")}
+    window_end = T0 - T0 % 3_600_000 + 3_600_000
+    assert {r.retry_after_ms for r in results} == {window_end - T0}
+    assert eu._metrics.counters["lease_waits"] == counters["lease_waits"]
+    assert (eu._metrics.counters["lease_local_denials"]
+            == counters["lease_local_denials"] + 20)
+    await settled(eu)  # a re-ask the denials started (a slow machine) is answered: no
+
+    await us.stop()  # us gives its unused slice back
+    assert us.units_held() == 0
+    # eu finds it at its next re-ask: the check that starts it is denied without waiting,
+    # the re-ask's answer refills eu's slice in the background.
+    mono.ahead += RECHECK_S
+    requests = eu._metrics.counters["lease_requests"]
+    assert not (await decide(eu)).allowed
+    await settled(eu)
+    assert eu._metrics.counters["lease_requests"] == requests + 1
+    outcomes = [(await decide(eu)).allowed for _ in range(us_holds + 5)]
+    assert outcomes == [True] * us_holds + [False] * 5  # exactly what us gave back
+    states = [store.get("plans", KEY) for store in (eu_store, us_store)]
+    assert sum(state.cur for state in states if state is not None) == 10
 
 
 async def settled(client: LeaseClient) -> None:
