@@ -231,7 +231,10 @@ class LeaderLease:
             try:
                 held = await probe
             except (DBAPIError, OSError) as exc:
-                log.warning("leader lease lost: %s", exc)
+                if done:
+                    log.warning("leader lease lost: %s", exc)
+                else:  # the probe failed because the socket was closed above: said so
+                    log.debug("lease probe ended by the closed connection: %s", exc)
                 held = False
             if not held:
                 await self._lose()
