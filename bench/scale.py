@@ -44,8 +44,8 @@ Measured per stage (all by the load process, from outside central):
   divided by the components in central's ledger).
 
 Then the restart stage: a real ``regionlimit node`` starts against central holding what
-the stages left (about K x 3 components): the time until its ``/readyz`` reports
-``sync: ok`` (bounded by ``--restart-timeout``).
+the stages left (about K x 3 components): the time from its process start until its
+``/readyz`` reports ``sync: ok`` (bounded by ``--restart-timeout``).
 
 Output: a table, a PNG (bench/out/scale.png, matplotlib) and optionally ``--results``
 (JSON). The machine is shared: the load average is printed before and after.
@@ -421,8 +421,9 @@ def run_stage(args: argparse.Namespace, cluster: Cluster, db_url: str, central_u
 def run_restart(args: argparse.Namespace, cluster: Cluster, db_url: str, keys: int
                 ) -> RestartResult:
     components = int(sql(db_url, "SELECT count(*) FROM components")[0][0])
-    node = cluster.node("us", ready=False)
+    # Timed from the process start: a node loads its snapshot before it answers /healthz.
     started = time.monotonic()
+    node = cluster.node("us", ready=False)
     took: float | None = None
     try:
         while time.monotonic() - started < args.restart_timeout:
