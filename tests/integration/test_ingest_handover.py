@@ -60,6 +60,14 @@ async def test_a_stepping_down_leader_naks_what_it_holds(
         entry = UsageEntry("ns", "0123456789abcdef0123456789abcdef",
                            window_bounds(FIXED.duration, now)[0], 3, 0, FIXED)
         js = nc.jetstream()
+        # The leader creates the stream after it reports leading: a publish before that
+        # finds no stream (and stores nothing).
+        for _ in range(3000):
+            try:
+                await js.stream_info(USAGE_STREAM)
+                break
+            except nats.js.errors.NotFoundError:
+                await asyncio.sleep(0.01)
         await UsagePublisher(js, node_id="us-1", region="us").publish(now, [entry])
         await until(lambda: service.totals is not None and len(service.totals.windows) == 1,
                     "the leader to merge the usage")
