@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc  # noqa: E402
-from node_bench import Server, run_python_load  # noqa: E402
+from node_bench import Server, _ms, run_python_load  # noqa: E402
 
 from tests.support.processes import free_port, region_node  # noqa: E402
 from tests.support.rls_client import OK, descriptor, request, stub  # noqa: E402
@@ -69,15 +69,6 @@ def grpc_frame() -> bytes:
 
 
 # -- h2load -----------------------------------------------------------------------------
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    assert match, text
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
 
 def run_h2load(url: str, body: bytes, headers: list[str], *, h1: bool, in_flight: int,
                seconds: int, pin: bool) -> dict[str, float]:

@@ -73,12 +73,12 @@ class LedgerStore:
             raise ValueError(f"unsupported database dialect {dialect!r}")
         self._upsert_components = _component_upsert(dialect)
         self._add_buckets = _bucket_upsert(dialect)
-        # Postgres takes a batch as one statement over arrays; refused rows are then
-        # isolated row by row with the plain statements above.
+        # Postgres takes a batch as one statement over arrays (sqlite3 loops over an
+        # executemany in C); refused rows are then isolated row by row with the plain
+        # statements above.
         self._arrays = dialect == "postgresql"
-        if self._arrays:
-            self._upsert_component_arrays = _component_upsert(dialect, arrays=True)
-            self._add_bucket_arrays = _bucket_upsert(dialect, arrays=True)
+        self._component_batch = _component_upsert(dialect, arrays=self._arrays)
+        self._bucket_batch = _bucket_upsert(dialect, arrays=self._arrays)
 
     async def write(
         self,
@@ -101,22 +101,12 @@ class LedgerStore:
             return 0
         try:
             async with self._write_transaction() as connection:
-                if self._arrays:
-                    if merged:
-                        await connection.execute(
-                            self._upsert_component_arrays,
-                            _as_arrays(_COMPONENT_FIELDS, map(_component_values, merged)))
-                    if summed:
-                        await connection.execute(
-                            self._add_bucket_arrays,
-                            _as_arrays(_BUCKET_FIELDS, map(_bucket_values, summed)))
-                else:  # SQLite: one executemany per table (sqlite3 loops in C)
-                    if merged:
-                        await connection.execute(self._upsert_components,
-                                                 [_component_params(r) for r in merged])
-                    if summed:
-                        await connection.execute(self._add_buckets,
-                                                 [_bucket_params(i) for i in summed])
+                if merged:
+                    await connection.execute(self._component_batch, self._batch_params(
+                        _COMPONENT_FIELDS, map(_component_values, merged)))
+                if summed:
+                    await connection.execute(self._bucket_batch, self._batch_params(
+                        _BUCKET_FIELDS, map(_bucket_values, summed)))
             return 0
         except Exception as exc:
             if not refused_row(exc):
@@ -134,6 +124,13 @@ class LedgerStore:
             if quarantine:
                 await connection.execute(usage_quarantine.insert(), quarantine)
         return len(quarantine)
+
+    def _batch_params(self, names: Sequence[str], rows: Iterable[tuple[Any, ...]]
+                      ) -> dict[str, list[Any]] | list[dict[str, Any]]:
+        """Rows of values (in ``names`` order) as the batch statements take them."""
+        if self._arrays:
+            return _as_arrays(names, rows)
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     async def load_components(self, *, window_end_after: int) -> list[ComponentRow]:
         """Components of windows ending after ``window_end_after``: a new leader's state."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sync.algorithms import ALGORITHMS
 from sync.errors import InvalidField
-from sync.interest import Audience, delivery, is_hot
+from sync.interest import Audience, delivery
 from sync.messages import KeyTotal, UsageBatch
 from sync.partitions import node_totals_subject, partition_of, partition_totals_subject
 from sync.policy import Policy
@@ -92,8 +92,9 @@ class TotalsRouter:
     def wanted(self, *, total: int, policy: Policy, blocked_until: int, now: int) -> bool:
         """Whether a key-window's total goes anywhere (``route`` drops the rest): lets
         the caller skip building totals of cold keys."""
-        return blocked_until > now or is_hot(
-            total, policy.limit, share=share_for(policy.algorithm, self.share))
+        return delivery(total=total, limit=policy.limit, blocked=blocked_until > now,
+                        served_by=(), share=share_for(policy.algorithm, self.share)
+                        ).audience is not Audience.NONE
 
     def route(self, totals: Iterable[KeyTotal], now: int) -> RoutedTotals:
         routed = RoutedTotals()

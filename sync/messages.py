@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from sync.algorithms import ALGORITHMS
 from sync.algorithms.base import MAX_COUNT
 from sync.errors import InvalidField, MalformedMessage, UnsupportedVersion
 from sync.identifiers import KEY_HASH
@@ -508,8 +509,8 @@ def decode_lease_request(data: bytes) -> LeaseRequest:
         raise MalformedMessage("policy is not in lease mode")
     want = _count(obj.get("want"), "want")
     used = _count(obj.get("used"), "used")
-    # A token bucket's slices belong to no window: what a holder used has no bound.
-    windowed = policy.algorithm != "token_bucket"
+    # Slices of no window (a token bucket's): what a holder used has no bound.
+    windowed = ALGORITHMS[policy.algorithm].lease_windows
     if want > policy.capacity or (windowed and used > policy.limit):
         raise MalformedMessage("want or used above the limit")
     demand = _count(obj.get("demand"), "demand")

@@ -8,8 +8,6 @@ counters must go back and into the spill file.
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +19,11 @@ from region_node.http import check_route
 from region_node.node import RegionNode
 from region_node.settings import NodeSettings
 from region_node.spill import read_spill
+from tests.support.async_wait import until
 from tests.support.nats_server import NatsServer
 
 T0 = 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000 + 60_000  # a minute into a day
 CHECKS = 40
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("REGIONLIMIT_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.mark.usefixtures("clean_env")

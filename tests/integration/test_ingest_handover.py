@@ -8,9 +8,7 @@ wait, and its fetch loop stops pulling even when a library swallowed the cancell
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Callable
 
 import nats
 import pytest
@@ -23,24 +21,10 @@ from sync.policy import build_policy
 from sync.publisher import UsagePublisher
 from sync.subjects import USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
 from sync.windows import window_bounds
+from tests.support.async_wait import until
 from tests.support.nats_server import NatsServer
 
 FIXED = build_policy(limit=100, duration="1h", algorithm="fixed_window")
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("REGIONLIMIT_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.mark.usefixtures("clean_env")

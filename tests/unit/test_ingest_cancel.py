@@ -24,6 +24,16 @@ from central.partitions.snapshot_index import SnapshotIndex
 from central.totals import GlobalTotals, WindowKey
 
 
+async def park(*, swallow: bool) -> None:
+    """Wait until cancelled; with ``swallow``, return instead of raising, as
+    ``asyncio.wait_for`` on Python 3.11 may when a result arrives with the cancel."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        if not swallow:
+            raise
+
+
 class SwallowingFetch:
     """A pull subscription whose fetch waits for messages and, cancelled the first time,
     returns what it has (nothing) instead of raising."""
@@ -35,11 +45,7 @@ class SwallowingFetch:
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         self.calls += 1
         self.waiting.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            if self.calls > 1:
-                raise
+        await park(swallow=self.calls == 1)
         return []
 
 
@@ -78,11 +84,7 @@ class SwallowingRollup(RollupJob):
     async def run_once(self, now_ms: int) -> RollupReport:
         self.runs += 1
         self.running.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            if self.runs > 1:
-                raise
+        await park(swallow=self.runs == 1)
         return RollupReport()
 
 
