@@ -1,5 +1,7 @@
-"""The leader's work: consume usage, merge it, checkpoint it, then ack; broadcast totals
-and block decisions every tick; answer snapshots; prune expired windows.
+"""One partition leader's work: consume the partition's usage, merge it, checkpoint it,
+then ack; broadcast totals and block decisions every tick; answer the partition's
+snapshot requests; prune expired windows. Entries of another partition (a node that
+counts partitions differently) are forwarded to their own partition's subject first.
 
 Ingest and checkpoints are separate tasks. Ingest merges each message into memory
 (``GlobalTotals``, which numbers it) and keeps it unacked. The checkpoint task, every
@@ -25,6 +27,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import nats.errors
 from nats.aio.client import Client
@@ -37,7 +40,9 @@ from central.cancellation import stop_if_cancelled
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
-from central.partitions.snapshot_index import SnapshotIndex
+from central.partitions.forwarding import UsageForwarder
+from central.partitions.snapshot_index import SNAPSHOT_PAGE, SnapshotIndex
+from central.partitions.snapshot_proxy import read_snapshot_request
 from central.totals import CheckpointBatch, GlobalTotals, WindowKey
 from central.totals_routing import TotalsRouter
 from sync.clock import Clock
@@ -47,14 +52,18 @@ from sync.messages import (
     ConfigUpdate,
     SnapshotPage,
     TotalsUpdate,
-    decode_snapshot_request,
     decode_usage,
     encode_snapshot_page,
     encode_totals,
 )
-from sync.partitions import DEFAULT_PARTITIONS
+from sync.partitions import (
+    DEFAULT_PARTITIONS,
+    partition_snapshot_subject,
+    partition_token,
+    partition_usage_filter,
+)
 from sync.publisher import StreamLimits, ensure_usage_stream
-from sync.subjects import SNAPSHOT, USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
+from sync.subjects import USAGE_CONSUMER, USAGE_STREAM
 
 log = logging.getLogger("regionlimit.central")
 FETCH_BATCH = 500
@@ -62,7 +71,6 @@ MAX_UNACKED = 20_000  # stop fetching rather than hold more messages than this
 ACK_WAIT_S = 60.0
 NEWER_VERSION_RETRY_S = 30.0
 TOTALS_PER_MESSAGE = 2000
-SNAPSHOT_PAGE = 2000
 PRUNE_INTERVAL_S = 60.0
 # Test-only crash points of the checkpoint task (REGIONLIMIT_TEST_CRASH_AT): the process
 # kills itself there with SIGKILL, so tests can check replay after a crash at each step.
@@ -79,9 +87,16 @@ class LeaderIngest:
                  rollup: RollupJob | None = None,
                  router: TotalsRouter | None = None, max_dirty: int = 200_000,
                  checkpoint_batch: int = 5000, ack_wait: float = ACK_WAIT_S,
-                 crash_at: str = "") -> None:
+                 crash_at: str = "", partition: int = 0,
+                 forwarder: UsageForwarder | None = None,
+                 prune_ledger: bool = True) -> None:
         self._nc = nc
         self._js = js or nc.jetstream()
+        self._partition = partition
+        self._forwarder = forwarder or UsageForwarder(
+            self._js, partitions=router.partitions if router else DEFAULT_PARTITIONS)
+        # Ledger-wide pruning runs on one partition's leader only (partition 0's).
+        self._prune_ledger = prune_ledger
         self._stream_limits = stream_limits or StreamLimits()
         self._ledger = ledger
         self._totals = totals
@@ -110,10 +125,12 @@ class LeaderIngest:
         """Ingest until cancelled or until a commit fails because leadership was lost."""
         await ensure_usage_stream(self._js, limits=self._stream_limits, update=True)
         sub = await self._js.pull_subscribe(
-            USAGE_SUBJECTS, durable=USAGE_CONSUMER, stream=USAGE_STREAM,
+            partition_usage_filter(self._partition), stream=USAGE_STREAM,
+            durable=f"{USAGE_CONSUMER}-p{partition_token(self._partition)}",
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ack_wait,
                                   max_deliver=-1, max_ack_pending=MAX_UNACKED * 2))
-        snapshots = await self._nc.subscribe(SNAPSHOT, cb=self._answer_snapshot)
+        snapshots = await self._nc.subscribe(partition_snapshot_subject(self._partition),
+                                             cb=self._answer_snapshot)
         loops = [self._consume(sub), self._checkpoint_forever(), self._tick_forever(),
                  self._prune_forever()]
         if self._rollup is not None:  # usage rollups and retention (central/billing/rollups.py)
@@ -175,6 +192,20 @@ class LeaderIngest:
             log.warning("dropped a malformed usage message on %s: %s", msg.subject, exc.reason)
             await msg.ack()
             return
+        forwarded = len(batch.entries)
+        try:
+            own = await self._forwarder.forward(batch, region=msg.subject.rsplit(".", 1)[-1],
+                                                keep=self._partition)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("could not forward usage of other partitions (%s); redelivered "
+                        "later", type(exc).__name__)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=1.0)
+            return
+        forwarded -= len(own)
+        if forwarded:
+            self._metrics.forwarded.inc(forwarded)
+            batch = replace(batch, entries=own)
         try:
             outcome = self._totals.merge(batch, self._clock())
         except Exception:  # a message that breaks the merge must not stop ingestion
@@ -327,16 +358,14 @@ class LeaderIngest:
         """One page of what the asking node needs: the keys it served, then the blocked
         keys, from the snapshot index in O(page) (never a pass over every key). The cursor
         is the index's; a node just echoes it."""
-        try:
-            request = decode_snapshot_request(msg.data)
-        except (MalformedMessage, UnsupportedVersion) as exc:
-            self._metrics.malformed.inc()
-            log.warning("dropped a malformed snapshot request: %s", exc)
+        request = read_snapshot_request(msg.data, self._metrics)
+        if request is None:
             return
         now = self._clock()
-        page = self._index.page(request.node_id, request.cursor, SNAPSHOT_PAGE)
+        page = self._index.page(request.node_id, request.cursor,
+                                min(SNAPSHOT_PAGE, request.limit or SNAPSHOT_PAGE))
         # Keys of windows that ended (kept until pruned) are skipped: a page may hold
-        # fewer than SNAPSHOT_PAGE totals, never more.
+        # fewer totals than asked for, never more.
         reply = SnapshotPage([self._totals.key_total(k) for k in page.keys
                               if self._totals.is_live(k, now)], page.next_cursor,
                              await self._config() if request.cursor == 0 else None)
@@ -352,6 +381,8 @@ class LeaderIngest:
             now = self._clock()
             async with self._commit_lock:  # no checkpoint in flight while rows move
                 self._totals.prune(now)
+            if not self._prune_ledger:
+                continue
             retained = now - self._totals.retention_ms
             try:
                 pruned = await self._ledger.prune_components(window_end_before=retained)

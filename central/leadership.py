@@ -91,6 +91,44 @@ def _keepalive_settings(stale_after: float) -> dict[str, int]:
             "tcp_user_timeout": int(stale_after * 1000)}
 
 
+def partition_lock_key(partition: int) -> int:
+    """The advisory lock of one partition's lease: partition 0 keeps the key of the
+    unpartitioned releases' single leader, so the two can never lead it side by side."""
+    return LEADER_LOCK_KEY + partition
+
+
+# Partitions whose lease is taken, and how long each holder's session has been silent.
+_TAKEN = text(
+    """
+    SELECT l.objid, a.state,
+           EXTRACT(EPOCH FROM (clock_timestamp() - a.state_change)) AS idle_s
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = :classid AND l.objsubid = 1 AND l.granted
+    """
+)
+
+
+async def claimable_partitions(engine: AsyncEngine, partitions: int, *,
+                               stale_after: float) -> set[int]:
+    """Partitions whose lease is free, or held by a session silent for ``stale_after``
+    (a frozen holder, which acquire() deposes): worth trying, one query for all."""
+    if engine.dialect.name != "postgresql":
+        return set(range(partitions))
+    base = partition_lock_key(0)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(
+            _TAKEN, {"classid": (base >> 32) & 0xFFFFFFFF})).all()
+    taken = set()
+    for row in rows:
+        partition = int(row.objid) - (base & 0xFFFFFFFF)
+        silent = row.state != "active" and float(row.idle_s or 0) >= stale_after
+        if 0 <= partition < partitions and not silent:
+            taken.add(partition)
+    return set(range(partitions)) - taken
+
+
 class LeadershipLost(RuntimeError):
     """The lease is not (or no longer) held; the caller must stop acting as leader."""
 
@@ -109,10 +147,14 @@ class LeaderLease:
         *,
         key: int = LEADER_LOCK_KEY,
         partition: int = 0,
+        lock_engine: AsyncEngine | None = None,
         check_timeout: float = 5.0,
         stale_after: float = 10.0,
     ) -> None:
         self._engine = engine
+        # The lock's own session: from an unpooled engine when one replica holds many
+        # partitions, so held leases never exhaust the write pool.
+        self._lock_engine = lock_engine or engine
         self._key = key
         self._partition = partition
         self._term = 0
@@ -155,7 +197,7 @@ class LeaderLease:
             if not self._exclusive:
                 self._granted = True
                 return True
-            connection = await self._engine.connect()
+            connection = await self._lock_engine.connect()
             try:
                 async with connection.begin():
                     got = await self._try_lock(connection)

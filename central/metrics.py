@@ -26,8 +26,21 @@ class CentralMetrics:
     def __init__(self, replica: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.leader = Gauge("regionlimit_central_leader", "1 on the ingesting leader",
+        self.leader = Gauge("regionlimit_central_leader",
+                            "1 while this replica leads at least one partition",
                             ["replica"], registry=r).labels(replica)
+        self.partitions_held = Gauge(
+            "regionlimit_central_partitions_held",
+            "Key partitions this replica leads (ingests, checkpoints, broadcasts)",
+            ["replica"], registry=r).labels(replica)
+        self.partitions = Gauge(
+            "regionlimit_central_partitions",
+            "Key partitions configured (REGIONLIMIT_PARTITIONS); every one needs a leader",
+            registry=r)
+        self.forwarded = Counter(
+            "regionlimit_usage_forwarded",
+            "Usage entries moved from a per-region or foreign subject to their partition's",
+            registry=r)
         self.ingested = Counter("regionlimit_ingest_entries", "Usage entries merged",
                                 registry=r)
         self.batches = Counter("regionlimit_ingest_batches", "Usage messages consumed",

@@ -3,7 +3,10 @@
 Cold keys go nowhere; hot keys go to the nodes that serve them, each on its own subject;
 blocked keys go to every node on their partition's subject. During a rollout, nodes of the
 previous release listen only on the one shared totals subject: while any such node has
-sent usage recently, every total that goes anywhere also goes there.
+sent usage recently, every total that goes anywhere also goes there. With partitions, one
+``LegacyNodes`` serves every partition a replica leads, and the replicas tell each other
+(the roster's heartbeat) whether they saw such a node, since an old node needs the blocks
+of every partition, not only of those its keys fall in.
 
 The share applies only where the over-admission argument holds for it: fixed windows
 (one window, no remote debits). A sliding window weighs the previous window, and a token
@@ -14,7 +17,7 @@ mean "harmless to be blind"; their totals go to the serving nodes from the first
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sync.algorithms import ALGORITHMS
@@ -42,6 +45,8 @@ class LegacyNodes:
     by the time they last sent usage."""
 
     last_seen: dict[str, int] = field(default_factory=dict)
+    # Whether another central replica saw such a node (it says so in its heartbeat).
+    elsewhere: Callable[[], bool] = lambda: False
 
     def saw(self, batch: UsageBatch) -> None:
         if batch.addressed:
@@ -50,6 +55,10 @@ class LegacyNodes:
             self.last_seen[batch.node_id] = batch.flushed_at
 
     def active(self, now: int) -> bool:
+        return self.seen_here(now) or self.elsewhere()
+
+    def seen_here(self, now: int) -> bool:
+        """Whether this replica itself received usage of such a node lately."""
         for node_id, seen in list(self.last_seen.items()):
             if seen + LEGACY_QUIET_MS > now:
                 return True
@@ -70,10 +79,11 @@ class RoutedTotals:
 
 
 class TotalsRouter:
-    def __init__(self, *, share: float, partitions: int) -> None:
+    def __init__(self, *, share: float, partitions: int,
+                 legacy: LegacyNodes | None = None) -> None:
         self.share = share
         self.partitions = partitions
-        self.legacy = LegacyNodes()
+        self.legacy = legacy if legacy is not None else LegacyNodes()
         self._node_subjects: dict[str, str | None] = {}
 
     def _node_subject(self, node_id: str) -> str | None:

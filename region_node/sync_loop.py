@@ -53,6 +53,7 @@ class NodeSync:
                               on_disconnect=self._on_disconnect)
         self._js: JetStreamContext | None = None
         self._publisher: UsagePublisher | None = None
+        self._partitions: int | None = None  # central's, once announced
         self._listener: StateListener | None = None
         self._spilled: list[bytes] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,7 +121,8 @@ class NodeSync:
         nc = self.link.nc
         assert nc is not None
         self._js = js = self.link.jetstream()
-        self._publisher = UsagePublisher(js, node_id=self.node_id, region=self.region)
+        self._publisher = UsagePublisher(js, node_id=self.node_id, region=self.region,
+                                         partitions=self._partitions)
         if self._listener is None:
             self._listener = StateListener(nc, node_id=self.node_id,
                                            on_totals=self._apply_totals,
@@ -197,6 +199,11 @@ class NodeSync:
         self._metrics.counters["totals_ignored"] += self._store.totals_ignored - ignored_before
 
     def _apply_config(self, config: ConfigUpdate) -> None:
+        # Central's partition count is not versioned with the policies: a central
+        # restarted with another count announces it under the same version.
+        self._partitions = config.partitions
+        if self._publisher is not None:
+            self._publisher.partitions = config.partitions
         if config.version < self._resolver.central_version:
             return  # an older broadcast overtaken by a snapshot
         self._resolver.set_central(

@@ -18,6 +18,7 @@ from sync.algorithms import ALGORITHMS
 from sync.algorithms.base import MAX_COUNT
 from sync.errors import InvalidField, MalformedMessage, UnsupportedVersion
 from sync.identifiers import KEY_HASH
+from sync.partitions import MAX_PARTITIONS
 from sync.policy import NAMESPACE, Policy, build_policy
 
 USAGE_VERSION = 2
@@ -78,6 +79,9 @@ class TotalsUpdate:
 class SnapshotRequest:
     node_id: str
     cursor: int = 0
+    # At most this many totals in the page (central's page size caps it); None: the
+    # page size. Set by central's snapshot proxy to fill one page from several partitions.
+    limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,10 @@ class ConfigUpdate:
 
     version: int
     namespaces: dict[str, NamespacePolicies]
+    # Central's key partition count (sync/partitions.py), so a node publishes each key's
+    # usage on its partition's subject. None: a central of an earlier release, which
+    # consumes only the per-region subject.
+    partitions: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +316,15 @@ def decode_totals(data: bytes) -> TotalsUpdate:
 
 def encode_snapshot_request(request: SnapshotRequest) -> bytes:
     return _pack({"v": STATE_VERSION, "t": "snapshot_req", "node": request.node_id,
-                  "cursor": request.cursor})
+                  "cursor": request.cursor,
+                  **({} if request.limit is None else {"limit": request.limit})})
 
 
 def decode_snapshot_request(data: bytes) -> SnapshotRequest:
     _, obj = _unpack(data, "snapshot_req", STATE_VERSION)
-    return SnapshotRequest(_str(obj.get("node"), "node id"), _count(obj.get("cursor"), "cursor"))
+    limit = obj.get("limit")
+    return SnapshotRequest(_str(obj.get("node"), "node id"), _count(obj.get("cursor"), "cursor"),
+                           None if limit is None else max(1, _count(limit, "limit")))
 
 
 def encode_snapshot_page(page: SnapshotPage) -> bytes:
@@ -356,10 +367,13 @@ def _full_policy(fields: Any) -> Policy:
 
 
 def _config_map(config: ConfigUpdate) -> dict[str, Any]:
-    return {"version": config.version, "namespaces": {
+    mapped: dict[str, Any] = {"version": config.version, "namespaces": {
         name: [_full_policy_fields(ns.policy),
                {h: _full_policy_fields(p) for h, p in ns.overrides.items()}]
         for name, ns in config.namespaces.items()}}
+    if config.partitions is not None:
+        mapped["partitions"] = config.partitions
+    return mapped
 
 
 def _config_from_map(obj: Any) -> ConfigUpdate:
@@ -373,7 +387,11 @@ def _config_from_map(obj: Any) -> ConfigUpdate:
             _full_policy(value[0]),
             {_key_hash(h): _full_policy(p)
              for h, p in value[1].items()})
-    return ConfigUpdate(_count(obj.get("version"), "config version"), namespaces)
+    partitions = obj.get("partitions")
+    if partitions is not None and (type(partitions) is not int
+                                   or not 1 <= partitions <= MAX_PARTITIONS):
+        raise MalformedMessage("bad partitions")
+    return ConfigUpdate(_count(obj.get("version"), "config version"), namespaces, partitions)
 
 
 def encode_config(config: ConfigUpdate) -> bytes:

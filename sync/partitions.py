@@ -17,6 +17,8 @@ partition only.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +50,21 @@ def partition_of(namespace: str, key_hash: str, *, partitions: int = DEFAULT_PAR
     digest = hashlib.blake2b(f"{namespace}\x00{key_hash}".encode(), digest_size=8).digest()
     # 64 uniform bits modulo a count <= 1024: the bias is below 1e-16, i.e. none.
     return int.from_bytes(digest, "big") % partitions
+
+
+T = TypeVar("T")
+
+
+def group_by_partition(items: Iterable[T], key: Callable[[T], tuple[str, str]], *,
+                       partitions: int) -> dict[int, list[T]]:
+    """``items`` grouped by the partition of their (namespace, key hash), each group in
+    the order given."""
+    groups: dict[int, list[T]] = {}
+    for item in items:
+        namespace, key_hash = key(item)
+        groups.setdefault(partition_of(namespace, key_hash, partitions=partitions),
+                          []).append(item)
+    return groups
 
 
 def partition_token(partition: int) -> str:

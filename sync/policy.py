@@ -10,6 +10,10 @@ from sync.durations import Duration, parse_duration
 from sync.errors import InvalidField
 
 ALGORITHMS = ("fixed_window", "sliding_window", "token_bucket")
+# Lease mode splits a budget into slices, one per node: a fixed window's limit, or a token
+# bucket's tokens (withdrawn from one global bucket at central). A sliding window's budget
+# depends on the previous window's weight at each instant: no slices (docs/lease-mode.md).
+LEASE_ALGORITHMS = ("fixed_window", "token_bucket")
 MODES = ("fast", "consistent", "lease")
 ON_UNAVAILABLE = ("open", "closed")
 MAX_LIMIT = 1_000_000_000_000
@@ -127,15 +131,9 @@ def build_policy(
 
 
 def _check_sliceable(algorithm: str) -> None:
-    """Lease mode hands out slices of a window's budget: the algorithm says whether it has
-    one (sync/algorithms; see docs/lease-mode.md)."""
-    # Imported here: the algorithms import this module for Policy.
-    from sync.algorithms import ALGORITHMS as BY_NAME
-
-    if not BY_NAME[algorithm].sliceable:
-        sliceable = [name for name, each in BY_NAME.items() if each.sliceable]
+    if algorithm not in LEASE_ALGORITHMS:
         raise InvalidField("algorithm", "mode lease works only with algorithm "
-                           + " or ".join(sliceable))
+                           + " or ".join(LEASE_ALGORITHMS))
 
 
 def policy_from_dict(data: dict[str, Any]) -> Policy:

@@ -13,6 +13,7 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from sync.errors import RegionLimitError
 from sync.messages import UsageBatch, UsageEntry, encode_usage
+from sync.partitions import group_by_partition, partition_usage_subject
 from sync.subjects import USAGE_STREAM, USAGE_SUBJECTS, usage_subject
 
 log = logging.getLogger("regionlimit.sync")
@@ -97,28 +98,44 @@ class StreamSetupFailed(RegionLimitError):
 
 
 class UsagePublisher:
+    """Publishes a node's usage. Until ``partitions`` is known (central announces it in
+    its configuration), everything goes on the region's subject, which central splits by
+    partition; after that each key's usage goes on its partition's subject."""
+
     def __init__(self, js: JetStreamContext, *, node_id: str, region: str,
-                 timeout: float = 2.0) -> None:
+                 timeout: float = 2.0, partitions: int | None = None) -> None:
         self._js = js
         self._node_id = node_id
         self._region = region
         self._subject = usage_subject(region)
         self._timeout = timeout
+        self.partitions = partitions
 
     async def publish(self, flushed_at: int, entries: Sequence[UsageEntry]) -> int:
         """Publish all ``entries``; returns the number of messages. On failure raises
         PublishFailed with the entries JetStream did not acknowledge."""
+        if self.partitions is None:
+            groups = [(self._subject, list(entries))]
+        else:
+            by_partition = group_by_partition(
+                entries, lambda e: (e.namespace, e.key_hash), partitions=self.partitions)
+            groups = [(partition_usage_subject(p, self._region), group)
+                      for p, group in sorted(by_partition.items())]
         messages = 0
-        for start in range(0, len(entries), ENTRIES_PER_MESSAGE):
-            chunk = list(entries[start:start + ENTRIES_PER_MESSAGE])
-            data = encode_usage(UsageBatch(self._node_id, self._region, flushed_at, chunk))
-            try:
-                await self._js.publish(self._subject, data, timeout=self._timeout)
-            except PUBLISH_ERRORS as exc:
-                raise PublishFailed(list(entries[start:]), type(exc).__name__) from None
-            messages += 1
+        for index, (subject, group) in enumerate(groups):
+            for start in range(0, len(group), ENTRIES_PER_MESSAGE):
+                chunk = group[start:start + ENTRIES_PER_MESSAGE]
+                data = encode_usage(UsageBatch(self._node_id, self._region, flushed_at,
+                                               chunk))
+                try:
+                    await self._js.publish(subject, data, timeout=self._timeout)
+                except PUBLISH_ERRORS as exc:
+                    remaining = group[start:] + [e for _, g in groups[index + 1:] for e in g]
+                    raise PublishFailed(remaining, type(exc).__name__) from None
+                messages += 1
         return messages
 
     async def publish_encoded(self, data: bytes) -> None:
-        """Publish a batch encoded earlier (a spill file's), under its original node id."""
+        """Publish a batch encoded earlier (a spill file's), under its original node id,
+        on the region's subject (central splits it by partition)."""
         await self._js.publish(self._subject, data, timeout=self._timeout)

@@ -38,6 +38,8 @@ _OWN_BITS = 24
 _BLOCKED_MAX = 1 << 27  # 27 + 24 + 2 bits < 53
 _COMPACT_SHARE = 0.5  # compact a log once half its entries are tombstones
 
+SNAPSHOT_PAGE = 2000  # totals per snapshot page (a node restart pages through them)
+
 
 def _blocked_cursor(blocked_seq: int, own_end: int) -> int:
     if own_end < 1 << _OWN_BITS and blocked_seq < _BLOCKED_MAX:

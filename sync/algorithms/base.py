@@ -94,11 +94,6 @@ class Algorithm(Protocol):
     of its windows. A token bucket's windows say how much was used, not when: not how much
     has refilled since."""
 
-    sliceable: bool
-    """Lease mode can split the budget into slices, one per node: a fixed window's limit,
-    or a token bucket's tokens (withdrawn from one global bucket at central). A sliding
-    window's budget depends on the previous window's weight at each instant: no slices."""
-
     lease_windows: bool
     """Lease-mode slices belong to a window and its budget. False: to no window; they are
     tokens withdrawn from the key's one global bucket, which refills (a token bucket;

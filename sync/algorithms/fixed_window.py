@@ -11,7 +11,6 @@ class FixedWindow:
     past_windows = 0
     debits_remote = False
     windowed_usage = True
-    sliceable = True
     lease_windows = True
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:

@@ -12,8 +12,7 @@ class SlidingWindow:
     past_windows = 1
     debits_remote = False
     windowed_usage = True
-    sliceable = False
-    lease_windows = True  # never leased: sliceable is False
+    lease_windows = True  # never leased (sync/policy.py LEASE_ALGORITHMS)
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:
         d = policy.duration.ms

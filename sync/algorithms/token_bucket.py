@@ -15,7 +15,6 @@ class TokenBucket:
     past_windows = 0
     debits_remote = True
     windowed_usage = False
-    sliceable = True  # slices are tokens withdrawn from one global bucket
     lease_windows = False
 
     def decide(self, state: KeyState, policy: Policy, now: int, cost: int) -> Decision:

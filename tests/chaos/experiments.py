@@ -37,7 +37,7 @@ from tests.support.cluster import (
     Cluster,
     avoid_window_boundary,
     check,
-    metric_value,
+    partition0_holder,
     wait_until,
 )
 from tests.support.nats_server import NatsServer
@@ -98,10 +98,9 @@ class ChaosSystem:
         return self.billed(namespace)
 
     def leader(self, replicas: list[ManagedProcess]) -> ManagedProcess | None:
-        alive = [r for r in replicas if r.proc is not None and r.proc.poll() is None]
-        flags = [metric_value(httpx.get(r.url + "/metrics", timeout=5).text,
-                              "regionlimit_central_leader") for r in alive]
-        return alive[flags.index(1.0)] if flags.count(1.0) == 1 else None
+        """The replica leading partition 0 (both replicas lead some partitions; this one
+        also splits per-region usage and answers snapshots)."""
+        return partition0_holder(replicas)
 
 
 class Traffic:

@@ -24,12 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from central.database import make_engine
 from sync.messages import decode_totals
+from sync.partitions import partition_token, partition_usage_subject
 from sync.subjects import TOTALS, USAGE_CONSUMER, USAGE_STREAM
 from tests.e2e.test_sync_e2e import batch, publish
 from tests.support.cluster import HOUR_MS, Cluster, avoid_window_boundary, metric_value, wait_until
 from tests.support.nats_server import NatsServer
 from tests.support.processes import ManagedProcess
 
+PARTITION_CONSUMER = f"{USAGE_CONSUMER}-p{partition_token(0)}"
 ACK_WAIT = "3s"  # redelivery to the restarted central after this (not a timing assert)
 KEYS = [f"{i:032x}" for i in range(10)]
 # Per key, the node reports 1, then 3, then its final count: the ledger must hold the
@@ -43,7 +45,11 @@ def cluster(nats_server: NatsServer, postgres_url: str, tmp_path: Path) -> Itera
                      env={"REGIONLIMIT_ACK_WAIT": ACK_WAIT,
                           # 10 rows + 10 buckets owed: three batches of up to 4 + 4
                           "REGIONLIMIT_CHECKPOINT_BATCH": "4",
-                          "REGIONLIMIT_LEASE_TIMEOUT": "3s"})
+                          "REGIONLIMIT_LEASE_TIMEOUT": "3s",
+                          # One partition: one leader and one consumer whose state the
+                          # tests read (handover between partitions:
+                          # test_partition_handover.py).
+                          "REGIONLIMIT_PARTITIONS": "1"})
     try:
         yield system
     finally:
@@ -67,11 +73,11 @@ def is_leader(central: ManagedProcess) -> bool:
 
 
 def consumer_state(nats_url: str) -> tuple[int, int]:
-    """(messages not yet delivered, delivered and not acked) of central's consumer."""
+    """(messages not yet delivered, delivered and not acked) of the partition's consumer."""
     async def run() -> tuple[int, int]:
         nc = await nats.connect(nats_url)
         try:
-            info = await nc.jetstream().consumer_info(USAGE_STREAM, USAGE_CONSUMER)
+            info = await nc.jetstream().consumer_info(USAGE_STREAM, PARTITION_CONSUMER)
             return int(info.num_pending or 0), int(info.num_ack_pending or 0)
         finally:
             await nc.close()
@@ -81,7 +87,7 @@ def consumer_state(nats_url: str) -> tuple[int, int]:
 def publish_usage(cluster: Cluster) -> None:
     payloads = [batch("hand.1", key, count) for count in (1, 3) for key in KEYS]
     payloads += [batch("hand.1", key, FINAL[key]) for key in KEYS]
-    publish(cluster.nats.url, payloads)
+    publish(cluster.nats.url, payloads, subject=partition_usage_subject(0, "hand"))
 
 
 def ledger(cluster: Cluster) -> tuple[dict[str, int], dict[str, int]]:

@@ -75,6 +75,7 @@ COUNTERS = {
 GAUGES = {
     "regionlimit_active_keys", "regionlimit_dirty_counters", "regionlimit_sync_state",
     "regionlimit_central_leader", "regionlimit_unsaved_rows",
+    "regionlimit_central_partitions", "regionlimit_central_partitions_held",
 }
 HISTOGRAMS = {
     "regionlimit_check_duration_seconds", "regionlimit_sync_lag_seconds",
@@ -1102,11 +1103,13 @@ REQUIRED_ALERTS = {
     "RegionlimitPublicationBacklogGrowing": "regionlimit_dirty_counters",
     "RegionlimitConsistentFallbacks": "regionlimit_consistent_fallbacks_total",
     "RegionlimitNoCentralLeader": "regionlimit_central_leader",
+    "RegionlimitPartitionsWithoutLeader": "regionlimit_central_partitions_held",
     "RegionlimitCommitsFailing": "regionlimit_commit_failures_total",
     "RegionlimitUnsavedRowsStuck": "regionlimit_unsaved_rows",
 }
 # Series only central exports: a region's Prometheus (nodes only) has none of them.
 CENTRAL_SERIES = {"regionlimit_central_leader", "regionlimit_over_admission_total",
+                  "regionlimit_central_partitions", "regionlimit_central_partitions_held",
                   "regionlimit_commit_failures_total", "regionlimit_unsaved_rows",
                   "regionlimit_ingest_entries_total", "regionlimit_messages_malformed_total",
                   "regionlimit_messages_rejected_total", "regionlimit_ledger_quarantined_total"}
@@ -1222,7 +1225,7 @@ REQUIRED_PANELS = {
     "counters awaiting publication": ("regionlimit_dirty_counters", ""),
     "over-admission per namespace": ("regionlimit_over_admission_total", "namespace"),
     "consistent-mode fallbacks": ("regionlimit_consistent_fallbacks_total", ""),
-    "central leadership": ("regionlimit_central_leader", "replica"),
+    "partitions led per replica": ("regionlimit_central_partitions_held", "replica"),
 }
 
 

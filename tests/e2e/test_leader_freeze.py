@@ -14,6 +14,7 @@ import httpx
 import nats
 import pytest
 
+from sync.partitions import partition_token
 from sync.subjects import USAGE_CONSUMER, USAGE_STREAM
 from tests.support.cluster import (
     HOUR_MS,
@@ -38,7 +39,10 @@ REDELIVERY_DEADLINE_S = 150.0
 def cluster(nats_server: NatsServer, postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
     system = Cluster(nats=nats_server, database_url=postgres_url, tmp=tmp_path,
                      env={"REGIONLIMIT_LEASE_TIMEOUT": "3s",
-                          "REGIONLIMIT_COMMIT_INTERVAL": "200ms"})
+                          "REGIONLIMIT_COMMIT_INTERVAL": "200ms",
+                          # One partition: one leader, one standby (partition handover:
+                          # test_partition_handover.py).
+                          "REGIONLIMIT_PARTITIONS": "1"})
     try:
         yield system
     finally:
@@ -61,7 +65,8 @@ def jetstream_state(url: str) -> str:
         nc = await nats.connect(url)
         try:
             js = nc.jetstream()
-            consumer = await js.consumer_info(USAGE_STREAM, USAGE_CONSUMER)
+            consumer = await js.consumer_info(USAGE_STREAM,
+                                              f"{USAGE_CONSUMER}-p{partition_token(0)}")
             stream = await js.stream_info(USAGE_STREAM)
         finally:
             await nc.close()

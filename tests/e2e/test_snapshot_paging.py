@@ -18,7 +18,7 @@ import httpx
 import nats
 import pytest
 
-from central.ingest import SNAPSHOT_PAGE
+from central.partitions.snapshot_index import SNAPSHOT_PAGE
 from sync.messages import (
     KeyTotal,
     SnapshotRequest,

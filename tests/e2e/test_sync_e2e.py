@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from sync.messages import UsageBatch, UsageEntry, encode_usage
+from sync.partitions import DEFAULT_PARTITIONS
 from sync.policy import build_policy
 from sync.publisher import ensure_usage_stream
 from sync.subjects import usage_subject
@@ -30,6 +31,8 @@ from tests.support.cluster import (
     check,
     metric_value,
     paced,
+    partition0_holder,
+    partitions_led,
     wait_until,
 )
 from tests.support.nats_server import NatsServer
@@ -196,24 +199,16 @@ def test_central_killed_mid_ingest_recounts_nothing(cluster: Cluster) -> None:
 
 def test_killing_the_leader_hands_over_to_the_other_replica(cluster: Cluster) -> None:
     replicas = [cluster.central(), cluster.central()]
-
-    def leader_index() -> int | None:
-        flags = [metric_value(httpx.get(r.url + "/metrics").text,
-                              "regionlimit_central_leader") for r in replicas
-                 if r.proc and r.proc.poll() is None]
-        return flags.index(1.0) if flags.count(1.0) == 1 else None
-
-    first = wait_until(lambda: leader_index() is not None, what="one leader") and leader_index()
-    assert first is not None
-    leader, standby = replicas[first], replicas[1 - first]
+    # Both lead some of the partitions; the one leading partition 0 is killed.
+    leader = wait_until(lambda: partition0_holder(replicas), what="one holder of partition 0")
+    standby = replicas[1 - replicas.index(leader)]
     node = cluster.node("us")
     avoid_window_boundary(HOUR_MS, span_s=60)
     with Traffic([node.url], "wide", "key-handover", rate=100) as traffic:
         traffic.wait_answers(100)
         leader.kill()
-        wait_until(lambda: metric_value(httpx.get(standby.url + "/metrics").text,
-                                        "regionlimit_central_leader") == 1.0,
-                   timeout=20, what="the standby to lead")
+        wait_until(lambda: partitions_led(standby) == list(range(DEFAULT_PARTITIONS)),
+                   timeout=20, what="the other replica to lead every partition")
         traffic.wait_answers(100)
     wait_until(lambda: cluster.billed("wide")[0] == traffic.admitted, timeout=30,
                what=f"ledger to bill {traffic.admitted}")
@@ -221,13 +216,16 @@ def test_killing_the_leader_hands_over_to_the_other_replica(cluster: Cluster) ->
 
 # --- messages published by hand ------------------------------------------------------------
 
-def publish(nats_url: str, payloads: list[bytes]) -> None:
+def publish(nats_url: str, payloads: list[bytes], *, subject: str = usage_subject("hand")
+            ) -> None:
+    """Publish usage messages; by default on the per-region subject an earlier release's
+    node uses (central splits it by partition)."""
     async def run() -> None:
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
         await ensure_usage_stream(js)
         for payload in payloads:
-            await js.publish(usage_subject("hand"), payload)
+            await js.publish(subject, payload)
         await nc.close()
     asyncio.run(run())
 

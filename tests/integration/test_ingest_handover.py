@@ -17,9 +17,10 @@ from central.migrate import run_migrations
 from central.service import CentralService
 from central.settings import CentralSettings
 from sync.messages import UsageEntry
+from sync.partitions import partition_token, partition_usage_filter
 from sync.policy import build_policy
 from sync.publisher import UsagePublisher
-from sync.subjects import USAGE_CONSUMER, USAGE_STREAM, USAGE_SUBJECTS
+from sync.subjects import USAGE_CONSUMER, USAGE_STREAM
 from sync.windows import window_bounds
 from tests.support.async_wait import until
 from tests.support.nats_server import NatsServer
@@ -52,14 +53,17 @@ async def test_a_stepping_down_leader_naks_what_it_holds(
                 break
             except nats.js.errors.NotFoundError:
                 await asyncio.sleep(0.01)
-        await UsagePublisher(js, node_id="us-1", region="us").publish(now, [entry])
-        await until(lambda: service.totals is not None and len(service.totals.windows) == 1,
+        # SQLite: one partition.
+        await UsagePublisher(js, node_id="us-1", region="us", partitions=1).publish(
+            now, [entry])
+        await until(lambda: 0 in service.states and len(service.states[0].totals.windows) == 1,
                     "the leader to merge the usage")
         await service.stop()
 
         # The next leader's view: the same durable consumer.
-        successor = await js.pull_subscribe(USAGE_SUBJECTS, durable=USAGE_CONSUMER,
-                                            stream=USAGE_STREAM)
+        successor = await js.pull_subscribe(
+            partition_usage_filter(0), durable=f"{USAGE_CONSUMER}-p{partition_token(0)}",
+            stream=USAGE_STREAM)
         messages = await successor.fetch(1, timeout=30)
         assert [m.metadata.num_delivered for m in messages] == [2]
         await messages[0].ack()

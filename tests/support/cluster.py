@@ -61,6 +61,23 @@ def metric_value(body: str, name: str, **labels: str) -> float:
     return total
 
 
+def partitions_led(replica: ManagedProcess) -> list[int]:
+    """The partitions a central replica leads (its /readyz); [] when it does not answer."""
+    if replica.proc is None or replica.proc.poll() is not None:
+        return []
+    try:
+        return list(httpx.get(replica.url + "/readyz", timeout=2).json()["partitions"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return []
+
+
+def partition0_holder(replicas: list[ManagedProcess]) -> ManagedProcess | None:
+    """The replica leading partition 0 (which also splits per-region usage and answers
+    the snapshot subject), once exactly one does."""
+    holders = [r for r in replicas if 0 in partitions_led(r)]
+    return holders[0] if len(holders) == 1 else None
+
+
 class Cluster:
     def __init__(self, *, nats: NatsServer, database_url: str, tmp: Path,
                  policy_toml: str = "", env: dict[str, str] | None = None) -> None:
