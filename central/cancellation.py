@@ -8,7 +8,12 @@ from __future__ import annotations
 import asyncio
 
 
-def stop_if_cancelled() -> None:
+def is_cancelling() -> bool:
+    """Whether the current task is being cancelled (maybe swallowed below us)."""
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    return task is not None and task.cancelling() > 0
+
+
+def stop_if_cancelled() -> None:
+    if is_cancelling():
         raise asyncio.CancelledError

@@ -37,6 +37,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from central.billing.rollups import RollupJob
 from central.cancellation import stop_if_cancelled
+from central.fetching import fetch_available
 from central.leadership import LeadershipLost
 from central.ledger import LedgerStore
 from central.metrics import CentralMetrics
@@ -160,7 +161,7 @@ class LeaderIngest:
                 self._metrics.ingest_paused.set(0)
                 continue
             try:
-                messages = await sub.fetch(min(FETCH_BATCH, room), timeout=1.0)
+                messages = await fetch_available(sub, min(FETCH_BATCH, room), wait=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.ConnectionClosedError:

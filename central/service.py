@@ -44,8 +44,9 @@ from sync.subjects import CONFIG, SNAPSHOT
 
 log = logging.getLogger("regionlimit.central")
 LEASE_POLL_S = 1.0
+YIELD_POLLS = 5  # a partition handed to a replica below its share is not taken back sooner
 STOP_STEP_S = 5.0
-LOAD_CHUNK = 5000  # ledger rows per step of a new leader's load (it yields in between)
+LOAD_CHUNK = 1000  # ledger rows per step of a new leader's load (~30 ms; it yields in between)
 
 
 class CentralService:
@@ -74,6 +75,7 @@ class CentralService:
         self.legacy_nodes = LegacyNodes(elsewhere=self.roster.peers_see_legacy_nodes)
         self.leaders: dict[int, asyncio.Task[None]] = {}  # partition -> its term
         self.states: dict[int, PartitionState] = {}  # partition -> its memory, while led
+        self.serving: set[int] = set()  # led partitions whose ledger share is loaded
         self.metrics = CentralMetrics(self.replica_id)
         self.metrics.partitions.set(settings.partitions)
         self.over_admission: dict[str, int] = {}
@@ -163,10 +165,13 @@ class CentralService:
         partitions = self.settings.partitions
         first = int.from_bytes(self.replica_id.encode()[-4:], "big") % partitions
         order = [(first + i) % partitions for i in range(partitions)]
+        yielded = 0  # polls left during which a partition handed to a peer is not taken back
         while True:
             self.roster.sees_legacy_nodes = self.legacy_nodes.seen_here(self.clock())
-            share = fair_share(partitions, self.roster.alive())
+            alive = self.roster.alive()
+            share, floor = fair_share(partitions, alive), partitions // alive
             held = len(self.leaders)
+            yielded = max(0, yielded - 1)
             if self.roster.conflict:
                 for term in self.leaders.values():
                     term.cancel()
@@ -175,7 +180,10 @@ class CentralService:
                 # pass over the ledger) rather than one partition per poll.
                 for partition in sorted(self.leaders)[share:]:
                     self.leaders[partition].cancel()
-            elif held < share:
+            elif held > floor and self.roster.someone_below(floor):
+                self.leaders[max(self.leaders)].cancel()  # one, for the replica below
+                yielded = YIELD_POLLS
+            elif held < share and not yielded:
                 try:
                     await self._claim(order, share - held)
                 except Exception as exc:
@@ -186,15 +194,19 @@ class CentralService:
         claimable = await claimable_partitions(
             self.lease_engine, self.settings.partitions,
             stale_after=self.settings.seconds("lease_timeout"))
-        if not self.roster.partition0_led:
-            # Partition 0 first, alone: its lock may be held by a central of an earlier
-            # release, which consumes every usage subject (see central/partitions/roster.py).
-            order, wanted = [0], 1
         claimed: dict[int, LeaderLease] = {}
+        if not self.roster.partition0_led:
+            # Partition 0 first, and nothing else unless it is taken: its lock may be held
+            # by a central of an earlier release, which consumes every usage subject
+            # (central/partitions/roster.py).
+            lease = self._lease(0)
+            if 0 not in claimable or not await lease.acquire():
+                return
+            claimed[0] = lease
         for partition in order:
-            if len(claimed) == wanted:
+            if len(claimed) >= wanted:
                 break
-            if partition in self.leaders or partition not in claimable:
+            if partition in self.leaders or partition in claimed or partition not in claimable:
                 continue
             lease = self._lease(partition)
             if await lease.acquire():
@@ -249,12 +261,14 @@ class CentralService:
         finally:
             self.leaders.pop(partition, None)
             self.states.pop(partition, None)
+            self.serving.discard(partition)
             self._update_held()
             with contextlib.suppress(Exception):
                 await lease.release()
 
     def _update_held(self) -> None:
         self.roster.leads_partition0 = 0 in self.leaders
+        self.roster.held = len(self.leaders)
         self.metrics.partitions_held.set(len(self.leaders))
         self.metrics.leader.set(1 if self.leaders else 0)
 
@@ -312,6 +326,7 @@ class CentralService:
             partition=partition, forwarder=forwarder, prune_ledger=partition == 0)
         log.info("replica %s leads partition %d: %d key-windows loaded", self.replica_id,
                  partition, len(state.totals.windows))
+        self.serving.add(partition)
         if partition != 0:
             await ingest.run()
             return
@@ -345,5 +360,6 @@ class CentralService:
         nats = "ok" if self.link.is_connected else "disconnected"
         return {"ready": database == "ok" and schema_ready and nats == "ok",
                 "database": database, "schema": schema, "nats": nats,
-                "leader": self.is_leader, "partitions": sorted(self.leaders),
+                "leader": self.is_leader, "partitions": sorted(self.serving),
+                "loading": sorted(set(self.leaders) - self.serving),
                 "replica": self.replica_id}

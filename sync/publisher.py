@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,19 +122,29 @@ class UsagePublisher:
                 entries, lambda e: (e.namespace, e.key_hash), partitions=self.partitions)
             groups = [(partition_usage_subject(p, self._region), group)
                       for p, group in sorted(by_partition.items())]
-        messages = 0
-        for index, (subject, group) in enumerate(groups):
-            for start in range(0, len(group), ENTRIES_PER_MESSAGE):
-                chunk = group[start:start + ENTRIES_PER_MESSAGE]
-                data = encode_usage(UsageBatch(self._node_id, self._region, flushed_at,
-                                               chunk))
-                try:
-                    await self._js.publish(subject, data, timeout=self._timeout)
-                except PUBLISH_ERRORS as exc:
-                    remaining = group[start:] + [e for _, g in groups[index + 1:] for e in g]
-                    raise PublishFailed(remaining, type(exc).__name__) from None
-                messages += 1
-        return messages
+        chunks = [(subject, group[start:start + ENTRIES_PER_MESSAGE])
+                  for subject, group in groups
+                  for start in range(0, len(group), ENTRIES_PER_MESSAGE)]
+        # All at once: one partition's acknowledgement need not wait for another's (16
+        # round trips one after the other stretched every flush). Order does not matter:
+        # counts are cumulative and central keeps the maximum.
+        results = await asyncio.gather(
+            *(self._publish_chunk(subject, flushed_at, chunk) for subject, chunk in chunks),
+            return_exceptions=True)
+        failed = [(chunk, result) for (_, chunk), result in zip(chunks, results, strict=True)
+                  if isinstance(result, BaseException)]
+        for _, result in failed:
+            if not isinstance(result, PUBLISH_ERRORS):
+                raise result  # a bug or a cancellation, not a failed publish
+        if failed:
+            raise PublishFailed([e for chunk, _ in failed for e in chunk],
+                                type(failed[0][1]).__name__)
+        return len(chunks)
+
+    async def _publish_chunk(self, subject: str, flushed_at: int,
+                             chunk: list[UsageEntry]) -> None:
+        data = encode_usage(UsageBatch(self._node_id, self._region, flushed_at, chunk))
+        await self._js.publish(subject, data, timeout=self._timeout)
 
     async def publish_encoded(self, data: bytes) -> None:
         """Publish a batch encoded earlier (a spill file's), under its original node id,

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from central.cancellation import stop_if_cancelled
+from central.fetching import fetch_available
 from central.metrics import CentralMetrics
 from central.totals_routing import LegacyNodes
 from sync.errors import MalformedMessage, UnsupportedVersion
@@ -90,7 +91,7 @@ class LegacyUsageSplitter:
             while True:
                 stop_if_cancelled()
                 try:
-                    messages = await sub.fetch(FETCH_BATCH, timeout=1.0)
+                    messages = await fetch_available(sub, FETCH_BATCH, wait=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.ConnectionClosedError:

@@ -5,7 +5,10 @@ Every replica publishes its id every ``HEARTBEAT_S`` and counts the replicas it 
 within ``EXPIRE_S`` (itself included). Its fair share is ``ceil(partitions / replicas)``:
 a replica holds no more than that, so a new replica finds partitions to take, and a dead
 one's partitions are taken once its heartbeats expire (its leases are free sooner: its
-sessions die with it). The count only balances load; exclusion is the leases' job, so
+sessions die with it). Since ``ceil`` can leave a replica with nothing (16 partitions,
+5 replicas: 4, 4, 4, 4, 0), a replica holding more than ``floor(partitions / replicas)``
+also hands one back while a live replica holds fewer than that (``someone_below``): 3, 3,
+3, 3, 4. The count only balances load; exclusion is the leases' job, so
 replicas that briefly disagree on it cost a partition's idle second, never a double count.
 
 A heartbeat also says whether the replica leads partition 0. Partition 0's lock is the
@@ -55,13 +58,18 @@ class ReplicaRoster:
         self._other_counts: dict[str, tuple[int, float]] = {}
         self._partition0: dict[str, float] = {}  # replicas that said they lead it
         self._legacy: dict[str, float] = {}  # replicas that said they see old nodes
+        self._held: dict[str, int] = {}  # partitions each replica said it leads
+        self.held = 0  # this replica's own, set by its owner
         self.leads_partition0 = False  # this replica's own, set by its owner
         self.sees_legacy_nodes = False  # likewise (central/totals_routing.py)
 
     def heard(self, replica_id: str, partitions: int | None = None, *,
-              leads_partition0: bool = False, sees_legacy_nodes: bool = False) -> None:
+              leads_partition0: bool = False, sees_legacy_nodes: bool = False,
+              held: int | None = None) -> None:
         now = self._monotonic()
         self._seen[replica_id] = now
+        if held is not None:
+            self._held[replica_id] = held
         if sees_legacy_nodes:
             self._legacy[replica_id] = now
         else:
@@ -78,6 +86,12 @@ class ReplicaRoster:
             self._other_counts[replica_id] = (partitions, now)
         else:
             self._other_counts.pop(replica_id, None)
+
+    def someone_below(self, count: int) -> bool:
+        """Whether a live other replica said it leads fewer than ``count`` partitions."""
+        self.alive()  # forgets the silent ones
+        return any(held < count for replica, held in self._held.items()
+                   if replica != self.replica_id and replica in self._seen)
 
     def peers_see_legacy_nodes(self) -> bool:
         """Whether a live other replica receives usage of previous-release nodes."""
@@ -119,7 +133,8 @@ class ReplicaRoster:
                     await nc.publish(REPLICAS,
                                      f"{self.replica_id} {self.partitions} "
                                      f"{int(self.leads_partition0)} "
-                                     f"{int(self.sees_legacy_nodes)}".encode())
+                                     f"{int(self.sees_legacy_nodes)} "
+                                     f"{self.held}".encode())
                 await asyncio.sleep(HEARTBEAT_S)
         finally:
             with contextlib.suppress(Exception):
@@ -131,8 +146,9 @@ class ReplicaRoster:
             partitions = int(fields[0]) if fields else None
             leads0 = len(fields) > 1 and fields[1] == "1"
             legacy = len(fields) > 2 and fields[2] == "1"
+            held = int(fields[3]) if len(fields) > 3 else None
         except (UnicodeDecodeError, ValueError):
             return
         if 0 < len(replica) <= MAX_ID:
             self.heard(replica, partitions, leads_partition0=leads0,
-                       sees_legacy_nodes=legacy)
+                       sees_legacy_nodes=legacy, held=held)

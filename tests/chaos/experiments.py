@@ -359,15 +359,18 @@ QUICK: dict[str, Callable[[ChaosSystem], Outcome]] = {
 
 def kill_leader(system: ChaosSystem) -> Outcome:
     replicas = [system.cluster.central(), system.cluster.central()]
-    leader = wait_until(lambda: system.leader(replicas), timeout=30, what="one leader")
+    leader = wait_until(lambda: system.leader(replicas), timeout=30,
+                        what="one holder of partition 0")
     node = system.cluster.node("us")
     avoid_window_boundary(HOUR_MS, span_s=120)
     with Traffic([node.url], identifier="leader-kill") as traffic:
         traffic.wait_answers(200)
         leader.kill()
-        wait_until(lambda: system.leader(replicas), timeout=60, what="the standby to lead")
+        wait_until(lambda: system.leader(replicas), timeout=60,
+                   what="the other replica to lead partition 0")
         traffic.wait_answers(200)
-    return exact("kill -9 central leader (2 replicas)", system, traffic.admitted,
+    return exact("kill -9 central replica (2 sharing the partitions)", system,
+                 traffic.admitted,
                  f"{traffic.failures} failed checks")
 
 

@@ -131,3 +131,19 @@ def test_a_dead_replicas_partitions_are_taken_over_and_billed_exactly_once(
     assert {row[0]: int(row[1]) for row in rows} == round2
     assert cluster.components_total(NAMESPACE) == sum(round2.values())
     assert held_metric(first) == PARTITIONS
+
+
+def test_three_replicas_each_lead_some_of_four_partitions(cluster: Cluster) -> None:
+    """ceil(4 / 3) = 2 lets the first two replicas take everything (2, 2, 0); the one
+    below floor(4 / 3) = 1 gets a partition handed back."""
+    replicas = [cluster.central()]
+    wait_until(lambda: partitions_led(replicas[0]) == list(range(PARTITIONS)), timeout=30,
+               what="the first replica to lead every partition")
+    replicas.append(cluster.central())
+    wait_until(lambda: [len(partitions_led(r)) for r in replicas] == [2, 2], timeout=30,
+               what="two replicas to lead two partitions each")
+    replicas.append(cluster.central())
+    wait_until(lambda: sorted(len(partitions_led(r)) for r in replicas) == [1, 1, 2],
+               timeout=60, what="the third replica to get a partition")
+    led = [p for r in replicas for p in partitions_led(r)]
+    assert sorted(led) == list(range(PARTITIONS))

@@ -93,7 +93,8 @@ def test_a_failed_partition_hands_back_exactly_what_was_not_published() -> None:
     sent = {e.key_hash for _, b in js.published for e in b.entries}
     remaining = {e.key_hash for e in failed.value.remaining}
     assert sent | remaining == set(KEYS) and not sent & remaining
-    assert sent == set(by_partition[sorted(by_partition)[0]])
+    # The partitions are published side by side: only the failed one is handed back.
+    assert remaining == set(by_partition[failing])
 
 
 def test_forwarding_keeps_its_own_partition_and_republishes_the_rest() -> None:
@@ -192,3 +193,16 @@ def test_old_nodes_seen_by_one_replica_make_every_replica_feed_the_shared_subjec
     roster.heard("b", 16, sees_legacy_nodes=True)
     now[0] += EXPIRE_S + 0.1
     assert not legacy.active(0)  # b is gone
+
+
+def test_a_replica_below_the_floor_share_is_seen_until_it_goes_silent() -> None:
+    now = [100.0]
+    roster = ReplicaRoster("a", partitions=16, monotonic=lambda: now[0])
+    for replica, held in (("b", 4), ("c", 4), ("d", 4), ("e", 0)):
+        roster.heard(replica, 16, held=held)
+    assert roster.someone_below(16 // roster.alive())  # e holds 0 < 3
+    roster.heard("e", 16, held=3)
+    assert not roster.someone_below(3)
+    roster.heard("e", 16, held=0)
+    now[0] += EXPIRE_S + 0.1
+    assert not roster.someone_below(3)  # e is gone
