@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -77,6 +80,10 @@ class CentralMetrics:
         self.authority_errors = Counter("regionlimit_authority_errors",
                                         "Consistent batches that could not be decided",
                                         registry=r)
+        self.gc_pause = Histogram(
+            "regionlimit_gc_full_pause_seconds",
+            "Pauses of full (generation 2) garbage collections in this process",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=r)
         self.ticks = Counter("regionlimit_totals_published", "Key totals published",
                              registry=r)
         self.totals_addressed = Counter(
@@ -86,6 +93,27 @@ class CentralMetrics:
             "regionlimit_totals_broadcast",
             "Key totals sent on a subject every node hears (blocks; previous-release nodes)",
             registry=r)
+
+    def track_gc_pauses(self) -> None:
+        """Time every collection of the second (oldest) generation: a pause holds the
+        event loop that ingests, ticks and renews leases (the tail of convergence)."""
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict[str, Any]) -> None:
+            if info.get("generation") != 2:
+                return
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                self.gc_pause.observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(on_gc)
+        self._gc_callback: Callable[[str, dict[str, Any]], None] | None = on_gc
+
+    def untrack_gc_pauses(self) -> None:
+        callback, self._gc_callback = getattr(self, "_gc_callback", None), None
+        if callback is not None and callback in gc.callbacks:
+            gc.callbacks.remove(callback)
 
     def track_over_admission(self, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_OverAdmission(read))

@@ -36,6 +36,7 @@ from central.totals_routing import LegacyNodes, TotalsRouter
 from sync.clock import Clock, wall_clock_ms
 from sync.connection import NatsLink, NatsOptions
 from sync.durations import setting_ms
+from sync.gc_freeze import freeze_survivors_forever
 from sync.identifiers import IdentifierHasher
 from sync.messages import ConfigUpdate, encode_config
 from sync.partitions import group_by_partition
@@ -78,6 +79,7 @@ class CentralService:
         self.serving: set[int] = set()  # led partitions whose ledger share is loaded
         self.metrics = CentralMetrics(self.replica_id)
         self.metrics.partitions.set(settings.partitions)
+        self.metrics.track_gc_pauses()
         self.over_admission: dict[str, int] = {}
         self.metrics.track_over_admission(lambda: dict(self.over_admission))
         self.authority = Authority(self.engine, clock=clock, metrics=self.metrics)
@@ -115,6 +117,7 @@ class CentralService:
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._run_roster(), name="roster"))
+        self._tasks.append(asyncio.create_task(freeze_survivors_forever(), name="gc-freeze"))
         self._tasks.append(asyncio.create_task(self._hold_partitions(), name="partitions"))
         self._tasks.append(asyncio.create_task(self._serve_authority(), name="authority"))
         self._tasks.append(asyncio.create_task(self._serve_leases(), name="lease-authority"))
@@ -140,6 +143,7 @@ class CentralService:
         """Stop within a bounded time: a shutdown that hangs on a stuck connection would
         keep an orchestrator (or Ctrl-C) waiting, and leaving early loses nothing, since
         uncommitted usage is redelivered to the next leader."""
+        self.metrics.untrack_gc_pauses()
         # Partition terms first (each naks what it holds and releases its lease).
         for tasks in (list(self.leaders.values()), self._tasks):
             for task in tasks:

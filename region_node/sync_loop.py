@@ -18,6 +18,7 @@ from region_node.spill import read_spill, write_spill
 from sync.clock import Clock
 from sync.connection import NatsLink, NatsOptions
 from sync.errors import RegionLimitError
+from sync.gc_freeze import freeze_survivors_forever
 from sync.listener import StateListener
 from sync.messages import ConfigUpdate, TotalsUpdate, UsageBatch, encode_usage
 from sync.publisher import (
@@ -78,6 +79,7 @@ class NodeSync:
             log.info("loaded %d spilled batches from %s", len(self._spilled), self._spill_path)
         self._tasks.append(asyncio.create_task(self.link.run(), name="nats-connect"))
         self._tasks.append(asyncio.create_task(self._flush_forever(), name="flush"))
+        self._tasks.append(asyncio.create_task(freeze_survivors_forever(), name="gc-freeze"))
         self._tasks.append(asyncio.create_task(self._ready_after_timeout(), name="ready"))
 
     async def _ready_after_timeout(self) -> None:
