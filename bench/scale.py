@@ -309,6 +309,16 @@ class Report:
 
 # --- the load process ------------------------------------------------------------------------
 
+def totals_rows(data: bytes) -> list[Any]:
+    """The rows of a totals message, read without the codec (an observer's view); none
+    for what it cannot read."""
+    try:
+        rows = msgpack.unpackb(data, raw=False).get("totals")
+    except Exception:  # a bench observer: ignore what it can't read
+        return []
+    return rows if isinstance(rows, list) else []
+
+
 def key_hash(index: int) -> str:
     """A key hash as nodes make them (32 hex characters)."""
     return hashlib.blake2b(f"bench-key-{index}".encode(), digest_size=16).hexdigest()
@@ -369,10 +379,7 @@ async def _load(plan: LoadPlan) -> dict[str, Any]:
 
     async def on_totals(msg: Any) -> None:
         seen = time.monotonic()
-        try:
-            rows = msgpack.unpackb(msg.data, raw=False).get("totals") or []
-        except Exception:  # a bench observer: ignore what it can't read
-            return
+        rows = totals_rows(msg.data)
         for row in rows:
             sent = probes.pop(row[1], None) if isinstance(row, list) and len(row) > 1 else None
             if sent is not None:
@@ -1170,10 +1177,7 @@ async def _e2e_observe(args: argparse.Namespace, cluster: Cluster, nodes: list[M
 
     async def on_totals(msg: Any) -> None:
         seen = time.monotonic()
-        try:
-            rows = msgpack.unpackb(msg.data, raw=False).get("totals") or []
-        except Exception:  # a bench observer: ignore what it can't read
-            return
+        rows = totals_rows(msg.data)
         for row in rows:
             if not (isinstance(row, list) and len(row) > 3 and isinstance(row[1], str)):
                 continue

@@ -27,7 +27,6 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import nats.errors
 from nats.aio.client import Client
@@ -47,13 +46,11 @@ from central.partitions.snapshot_proxy import read_snapshot_request
 from central.totals import CheckpointBatch, GlobalTotals, WindowKey
 from central.totals_routing import TotalsRouter
 from sync.clock import Clock
-from sync.errors import MalformedMessage, UnsupportedVersion
 from sync.interest import DEFAULT_BROADCAST_SHARE
 from sync.messages import (
     ConfigUpdate,
     SnapshotPage,
     TotalsUpdate,
-    decode_usage,
     encode_snapshot_page,
     encode_totals,
 )
@@ -70,7 +67,6 @@ log = logging.getLogger("regionlimit.central")
 FETCH_BATCH = 500
 MAX_UNACKED = 20_000  # stop fetching rather than hold more messages than this
 ACK_WAIT_S = 60.0
-NEWER_VERSION_RETRY_S = 30.0
 TOTALS_PER_MESSAGE = 2000
 PRUNE_INTERVAL_S = 60.0
 # Test-only crash points of the checkpoint task (REGIONLIMIT_TEST_CRASH_AT): the process
@@ -95,7 +91,8 @@ class LeaderIngest:
         self._js = js or nc.jetstream()
         self._partition = partition
         self._forwarder = forwarder or UsageForwarder(
-            self._js, partitions=router.partitions if router else DEFAULT_PARTITIONS)
+            self._js, partitions=router.partitions if router else DEFAULT_PARTITIONS,
+            metrics=metrics)
         # Ledger-wide pruning runs on one partition's leader only (partition 0's).
         self._prune_ledger = prune_ledger
         self._stream_limits = stream_limits or StreamLimits()
@@ -180,33 +177,9 @@ class LeaderIngest:
 
     async def _ingest(self, msg: Msg) -> None:
         self._metrics.batches.inc()
-        try:
-            batch = decode_usage(msg.data)
-        except UnsupportedVersion as exc:
-            self._metrics.newer.inc()
-            log.warning("usage message of version %d left for an upgraded central",
-                        exc.version)
-            await msg.nak(delay=NEWER_VERSION_RETRY_S)
+        batch = await self._forwarder.receive(msg, keep=self._partition)
+        if batch is None:
             return
-        except MalformedMessage as exc:
-            self._metrics.malformed.inc()
-            log.warning("dropped a malformed usage message on %s: %s", msg.subject, exc.reason)
-            await msg.ack()
-            return
-        forwarded = len(batch.entries)
-        try:
-            own = await self._forwarder.forward(batch, region=msg.subject.rsplit(".", 1)[-1],
-                                                keep=self._partition)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("could not forward usage of other partitions (%s); redelivered "
-                        "later", type(exc).__name__)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=1.0)
-            return
-        forwarded -= len(own)
-        if forwarded:
-            self._metrics.forwarded.inc(forwarded)
-            batch = replace(batch, entries=own)
         try:
             outcome = self._totals.merge(batch, self._clock())
         except Exception:  # a message that breaks the merge must not stop ingestion
@@ -216,11 +189,6 @@ class LeaderIngest:
             await msg.ack()
             return
         self._router.legacy.saw(batch)  # whether its node needs the shared totals subject
-        if batch.invalid_entries:
-            self._metrics.malformed.inc(batch.invalid_entries)
-            log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
-                        batch.invalid_entries, msg.subject, batch.invalid_reason,
-                        len(batch.entries))
         self._metrics.ingested.inc(len(batch.entries))
         for reason, count in outcome.rejected.items():
             self._metrics.rejected.labels(reason).inc(count)

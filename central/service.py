@@ -93,9 +93,13 @@ class CentralService:
                                          js_domain=settings.js_domain))
         self._tasks: list[asyncio.Task[None]] = []
 
+    async def _config(self) -> ConfigUpdate:
+        """The stored configuration, with this central's partition count announced."""
+        return replace(await self.config.load(), partitions=self.settings.partitions)
+
     async def current_config(self) -> ConfigUpdate | None:
         try:
-            return replace(await self.config.load(), partitions=self.settings.partitions)
+            return await self._config()
         except Exception as exc:
             log.warning("configuration unavailable for a snapshot (%s)", type(exc).__name__)
             return None
@@ -108,8 +112,7 @@ class CentralService:
             log.warning("configuration stored but not broadcast: NATS unavailable")
             return
         try:
-            config = replace(await self.config.load(), partitions=self.settings.partitions)
-            await nc.publish(CONFIG, encode_config(config))
+            await nc.publish(CONFIG, encode_config(await self._config()))
             await nc.flush(timeout=2)
         except Exception as exc:
             log.warning("configuration broadcast failed (%s)", type(exc).__name__)
@@ -238,13 +241,11 @@ class CentralService:
 
     async def _load(self, states: dict[int, PartitionState]) -> None:
         partitions = self.settings.partitions
-        now = self.clock()
-        retention = next(iter(states.values())).totals.retention_ms
-        ledger = LedgerStore(self.engine)
         # In chunks, yielding between them: this loop also answers consistent checks,
         # and one pass over every key-window stalled them past their timeout (issue 10).
-        async for rows in ledger.stream_components(window_end_after=now - retention,
-                                                   chunk=LOAD_CHUNK):
+        async for rows in LedgerStore(self.engine).stream_components(
+                window_end_after=self.clock() - self.settings.retention_ms,
+                chunk=LOAD_CHUNK):
             for partition, part in group_by_partition(
                     rows, lambda row: (row.namespace, row.key_hash),
                     partitions=partitions).items():
@@ -313,7 +314,7 @@ class CentralService:
         assert self.link.nc is not None
         js = self.link.jetstream()
         settings = self.settings
-        forwarder = UsageForwarder(js, partitions=settings.partitions)
+        forwarder = UsageForwarder(js, partitions=settings.partitions, metrics=self.metrics)
         ingest = LeaderIngest(
             nc=self.link.nc, js=js, stream_limits=settings.stream_limits,
             ledger=LedgerStore(self.engine, lease=lease), totals=state.totals,

@@ -72,28 +72,26 @@ class StateListener:
             return
         self._on_config(config)
 
-    async def fetch_snapshot(self, node_id: str, *, timeout: float,
-                             subjects: tuple[str, ...] = (SNAPSHOT,)
+    async def fetch_snapshot(self, node_id: str, *, timeout: float
                              ) -> tuple[list[KeyTotal], ConfigUpdate | None]:
         """The totals central holds for this node (the keys it served, then the blocked
-        ones), page by page from each snapshot subject in turn, merged; raises
-        TimeoutError or NoResponders when no central leader answers."""
+        ones), page by page (central walks its partitions behind the one subject);
+        raises TimeoutError or NoResponders when no central leader answers."""
         totals: list[KeyTotal] = []
         config: ConfigUpdate | None = None
-        for subject in subjects:
-            cursor: int | None = 0
-            for _ in range(MAX_SNAPSHOT_PAGES):
-                if cursor is None:
-                    break
-                reply = await self._nc.request(
-                    subject, encode_snapshot_request(SnapshotRequest(node_id, cursor)),
-                    timeout=timeout)
-                try:
-                    page = decode_snapshot_page(reply.data)
-                except (MalformedMessage, UnsupportedVersion) as exc:
-                    self._on_malformed(str(exc))
-                    raise TimeoutError("malformed snapshot page") from None
-                totals.extend(page.totals)
-                config = config or page.config
-                cursor = page.next_cursor
+        cursor: int | None = 0
+        for _ in range(MAX_SNAPSHOT_PAGES):
+            if cursor is None:
+                break
+            reply = await self._nc.request(
+                SNAPSHOT, encode_snapshot_request(SnapshotRequest(node_id, cursor)),
+                timeout=timeout)
+            try:
+                page = decode_snapshot_page(reply.data)
+            except (MalformedMessage, UnsupportedVersion) as exc:
+                self._on_malformed(str(exc))
+                raise TimeoutError("malformed snapshot page") from None
+            totals.extend(page.totals)
+            config = config or page.config
+            cursor = page.next_cursor
         return totals, config

@@ -40,11 +40,50 @@ NEWER_VERSION_RETRY_S = 30.0
 
 
 class UsageForwarder:
-    def __init__(self, js: JetStreamContext, *, partitions: int,
+    def __init__(self, js: JetStreamContext, *, partitions: int, metrics: CentralMetrics,
                  timeout: float = 5.0) -> None:
         self._js = js
         self.partitions = partitions
+        self._metrics = metrics
         self._timeout = timeout
+
+    async def receive(self, msg: Msg, *, keep: int | None) -> UsageBatch | None:
+        """A usage message as the leader of partition ``keep`` takes it (None: partition
+        0's splitter, which keeps nothing): decoded, its entries of other partitions
+        forwarded, the rest returned. None when the message was settled here instead:
+        left for an upgraded central (nak), dropped as malformed (ack, counted), or
+        handed back because forwarding failed (nak)."""
+        try:
+            batch = decode_usage(msg.data)
+        except UnsupportedVersion as exc:
+            self._metrics.newer.inc()
+            log.warning("usage message of version %d left for an upgraded central",
+                        exc.version)
+            await msg.nak(delay=NEWER_VERSION_RETRY_S)
+            return None
+        except MalformedMessage as exc:
+            self._metrics.malformed.inc()
+            log.warning("dropped a malformed usage message on %s: %s", msg.subject,
+                        exc.reason)
+            await msg.ack()
+            return None
+        if batch.invalid_entries:  # counted here, where they arrived, never forwarded
+            self._metrics.malformed.inc(batch.invalid_entries)
+            log.warning("dropped %d malformed entries of a usage message on %s (%s); kept %d",
+                        batch.invalid_entries, msg.subject, batch.invalid_reason,
+                        len(batch.entries))
+        try:
+            own = await self.forward(batch, region=msg.subject.rsplit(".", 1)[-1], keep=keep)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("could not forward usage to its partitions (%s); redelivered later",
+                        type(exc).__name__)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=RETRY_S)
+            return None
+        if len(own) < len(batch.entries):
+            self._metrics.forwarded.inc(len(batch.entries) - len(own))
+            batch = replace(batch, entries=own)
+        return batch
 
     async def forward(self, batch: UsageBatch, *, region: str, keep: int | None
                       ) -> list[UsageEntry]:
@@ -108,30 +147,9 @@ class LegacyUsageSplitter:
                 await sub.unsubscribe()
 
     async def _split(self, msg: Msg) -> None:
-        try:
-            batch = decode_usage(msg.data)
-        except UnsupportedVersion:
-            self._metrics.newer.inc()
-            await msg.nak(delay=NEWER_VERSION_RETRY_S)
+        batch = await self._forwarder.receive(msg, keep=None)
+        if batch is None:
             return
-        except MalformedMessage as exc:
-            self._metrics.malformed.inc()
-            log.warning("dropped a malformed usage message on %s: %s", msg.subject,
-                        exc.reason)
-            await msg.ack()
-            return
-        if batch.invalid_entries:
-            self._metrics.malformed.inc(batch.invalid_entries)
         self._legacy.saw(batch)  # whether its node needs the shared totals subject
-        try:
-            await self._forwarder.forward(batch, region=msg.subject.rsplit(".", 1)[-1],
-                                          keep=None)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("could not forward per-region usage (%s); redelivered later",
-                        type(exc).__name__)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=RETRY_S)
-            return
-        self._metrics.forwarded.inc(len(batch.entries))
         with contextlib.suppress(nats.errors.Error):
             await msg.ack()

@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.client import Client
@@ -48,107 +49,110 @@ def fair_share(partitions: int, replicas: int) -> int:
     return math.ceil(partitions / max(1, replicas))
 
 
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """What a replica last said of itself, and when it was heard."""
+
+    at: float
+    partitions: int | None = None  # its REGIONLIMIT_PARTITIONS; None: not said
+    leads_partition0: bool = False
+    sees_legacy_nodes: bool = False
+    held: int | None = None  # partitions it leads
+
+    def encode(self, replica_id: str) -> bytes:
+        return (f"{replica_id} {self.partitions} {int(self.leads_partition0)} "
+                f"{int(self.sees_legacy_nodes)} {self.held}").encode()
+
+    @staticmethod
+    def decode(data: bytes, at: float) -> tuple[str, Heartbeat] | None:
+        """(replica id, heartbeat), or None for what is not one."""
+        try:
+            replica, *fields = data.decode().split(" ")
+            beat = Heartbeat(
+                at, partitions=int(fields[0]) if fields else None,
+                leads_partition0=len(fields) > 1 and fields[1] == "1",
+                sees_legacy_nodes=len(fields) > 2 and fields[2] == "1",
+                held=int(fields[3]) if len(fields) > 3 else None)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return (replica, beat) if 0 < len(replica) <= MAX_ID else None
+
+
 class ReplicaRoster:
     def __init__(self, replica_id: str, *, partitions: int,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.replica_id = replica_id
         self.partitions = partitions
         self._monotonic = monotonic
-        self._seen: dict[str, float] = {}
-        self._other_counts: dict[str, tuple[int, float]] = {}
-        self._partition0: dict[str, float] = {}  # replicas that said they lead it
-        self._legacy: dict[str, float] = {}  # replicas that said they see old nodes
-        self._held: dict[str, int] = {}  # partitions each replica said it leads
-        self.held = 0  # this replica's own, set by its owner
-        self.leads_partition0 = False  # this replica's own, set by its owner
-        self.sees_legacy_nodes = False  # likewise (central/totals_routing.py)
+        self._peers: dict[str, Heartbeat] = {}  # other replicas, by id
+        # This replica's own state, set by its owner and sent in its heartbeats.
+        self.held = 0
+        self.leads_partition0 = False
+        self.sees_legacy_nodes = False  # central/totals_routing.py
 
     def heard(self, replica_id: str, partitions: int | None = None, *,
               leads_partition0: bool = False, sees_legacy_nodes: bool = False,
               held: int | None = None) -> None:
-        now = self._monotonic()
-        self._seen[replica_id] = now
-        if held is not None:
-            self._held[replica_id] = held
-        if sees_legacy_nodes:
-            self._legacy[replica_id] = now
-        else:
-            self._legacy.pop(replica_id, None)
-        if leads_partition0:
-            self._partition0[replica_id] = now
-        else:
-            self._partition0.pop(replica_id, None)
-        if partitions is not None and partitions != self.partitions:
-            if replica_id not in self._other_counts:
-                log.error("replica %s runs %d partitions, this one %d: not leading any "
-                          "until REGIONLIMIT_PARTITIONS agrees", replica_id, partitions,
-                          self.partitions)
-            self._other_counts[replica_id] = (partitions, now)
-        else:
-            self._other_counts.pop(replica_id, None)
+        self._record(replica_id, Heartbeat(
+            self._monotonic(), partitions, leads_partition0, sees_legacy_nodes, held))
+
+    def _record(self, replica_id: str, beat: Heartbeat) -> None:
+        if replica_id == self.replica_id:
+            return  # our own heartbeat, echoed back
+        if self._disagrees(beat) and not self._disagrees(self._peers.get(replica_id)):
+            log.error("replica %s runs %d partitions, this one %d: not leading any "
+                      "until REGIONLIMIT_PARTITIONS agrees", replica_id, beat.partitions,
+                      self.partitions)
+        self._peers[replica_id] = beat
+
+    def _disagrees(self, beat: Heartbeat | None) -> bool:
+        return beat is not None and beat.partitions not in (None, self.partitions)
+
+    def _live(self) -> list[Heartbeat]:
+        """The other replicas heard within EXPIRE_S (the silent ones are forgotten)."""
+        cutoff = self._monotonic() - EXPIRE_S
+        for replica, beat in list(self._peers.items()):
+            if beat.at < cutoff:
+                del self._peers[replica]
+        return list(self._peers.values())
+
+    def alive(self) -> int:
+        """Replicas heard within EXPIRE_S, this one included."""
+        return len(self._live()) + 1
 
     def someone_below(self, count: int) -> bool:
         """Whether a live other replica said it leads fewer than ``count`` partitions."""
-        self.alive()  # forgets the silent ones
-        return any(held < count for replica, held in self._held.items()
-                   if replica != self.replica_id and replica in self._seen)
+        return any(beat.held is not None and beat.held < count for beat in self._live())
 
     def peers_see_legacy_nodes(self) -> bool:
         """Whether a live other replica receives usage of previous-release nodes."""
-        cutoff = self._monotonic() - EXPIRE_S
-        return any(seen >= cutoff for replica, seen in self._legacy.items()
-                   if replica != self.replica_id)
+        return any(beat.sees_legacy_nodes for beat in self._live())
 
     @property
     def partition0_led(self) -> bool:
         """Whether this replica or a live one of the roster leads partition 0."""
-        cutoff = self._monotonic() - EXPIRE_S
-        return self.leads_partition0 or any(
-            seen >= cutoff for replica, seen in self._partition0.items()
-            if replica != self.replica_id)
+        return self.leads_partition0 or any(beat.leads_partition0 for beat in self._live())
 
     @property
     def conflict(self) -> bool:
         """Whether a live replica announced another partition count."""
-        cutoff = self._monotonic() - EXPIRE_S
-        for replica, (_, seen) in list(self._other_counts.items()):
-            if seen < cutoff:
-                del self._other_counts[replica]
-        return bool(self._other_counts)
-
-    def alive(self) -> int:
-        """Replicas heard within EXPIRE_S, this one always included."""
-        cutoff = self._monotonic() - EXPIRE_S
-        for replica, seen in list(self._seen.items()):
-            if seen < cutoff:
-                del self._seen[replica]
-        return len(self._seen.keys() | {self.replica_id})
+        return any(self._disagrees(beat) for beat in self._live())
 
     async def run(self, nc: Client) -> None:
         """Heartbeat and listen until cancelled."""
         sub = await nc.subscribe(REPLICAS, cb=self._on_heartbeat)
         try:
             while True:
+                own = Heartbeat(0.0, self.partitions, self.leads_partition0,
+                                self.sees_legacy_nodes, self.held)
                 with contextlib.suppress(nats.errors.Error):
-                    await nc.publish(REPLICAS,
-                                     f"{self.replica_id} {self.partitions} "
-                                     f"{int(self.leads_partition0)} "
-                                     f"{int(self.sees_legacy_nodes)} "
-                                     f"{self.held}".encode())
+                    await nc.publish(REPLICAS, own.encode(self.replica_id))
                 await asyncio.sleep(HEARTBEAT_S)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            replica, *fields = msg.data.decode().split(" ")
-            partitions = int(fields[0]) if fields else None
-            leads0 = len(fields) > 1 and fields[1] == "1"
-            legacy = len(fields) > 2 and fields[2] == "1"
-            held = int(fields[3]) if len(fields) > 3 else None
-        except (UnicodeDecodeError, ValueError):
-            return
-        if 0 < len(replica) <= MAX_ID:
-            self.heard(replica, partitions, leads_partition0=leads0,
-                       sees_legacy_nodes=legacy, held=held)
+        heard = Heartbeat.decode(msg.data, self._monotonic())
+        if heard is not None:
+            self._record(*heard)

@@ -5,14 +5,16 @@ roster's fair share and the snapshot proxy's cursor."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from central.metrics import CentralMetrics
 from central.partitions.forwarding import UsageForwarder
-from central.partitions.roster import EXPIRE_S, ReplicaRoster, fair_share
+from central.partitions.roster import EXPIRE_S, Heartbeat, ReplicaRoster, fair_share
 from central.partitions.snapshot_proxy import join_cursor, split_cursor
 from central.totals_routing import LegacyNodes
 from sync.errors import MalformedMessage
@@ -99,7 +101,8 @@ def test_a_failed_partition_hands_back_exactly_what_was_not_published() -> None:
 
 def test_forwarding_keeps_its_own_partition_and_republishes_the_rest() -> None:
     js = RecordingJetStream()
-    forwarder = UsageForwarder(js, partitions=4)  # type: ignore[arg-type]
+    forwarder = UsageForwarder(js, partitions=4,  # type: ignore[arg-type]
+                               metrics=CentralMetrics("test"))
     batch = UsageBatch("n1", "ignored", 7, entries(KEYS), addressed=False,
                        invalid_entries=2, invalid_reason="bad")
     own = asyncio.run(forwarder.forward(batch, region="eu", keep=2))
@@ -206,3 +209,11 @@ def test_a_replica_below_the_floor_share_is_seen_until_it_goes_silent() -> None:
     roster.heard("e", 16, held=0)
     now[0] += EXPIRE_S + 0.1
     assert not roster.someone_below(3)  # e is gone
+
+
+def test_a_heartbeat_round_trips_and_garbage_is_not_one() -> None:
+    beat = Heartbeat(0.0, 16, leads_partition0=True, sees_legacy_nodes=False, held=5)
+    assert Heartbeat.decode(beat.encode("r-1"), 7.0) == ("r-1", replace(beat, at=7.0))
+    assert Heartbeat.decode(b"\xff\xfe", 0.0) is None
+    assert Heartbeat.decode(b"r-1 sixteen", 0.0) is None
+    assert Heartbeat.decode(b"", 0.0) is None
